@@ -65,12 +65,9 @@ def _as_batched(t):
     return t if t.ndim == 3 else t.unsqueeze(0)
 
 
-def _launch_symmetric(a, out, alpha, beta, add_scaled_input, block_m, block_k):
-    """a: (B, M, K) possibly a transposed view; out: (B, M, M)."""
+def _launch_symmetric(a, out, alpha, beta, add_scaled_input, block_m=128, block_k=64, num_warps=8, num_stages=4):
+    """a: (B, M, K), possibly a transposed view; out: (B, M, M)."""
     batch, m, k = a.shape
-    if block_m is None:
-        # Small batches need smaller tiles to give every SM a block.
-        block_m = 128 if batch * m * m >= 132 * 128 * 128 * 2 else 64
     num_blocks = triton.cdiv(m, block_m)
     _symmetric_matmul_kernel[(num_blocks * num_blocks, batch)](
         a, out, m, k,
@@ -78,24 +75,24 @@ def _launch_symmetric(a, out, alpha, beta, add_scaled_input, block_m, block_k):
         out.stride(0), out.stride(1), out.stride(2),
         alpha, beta,
         ADD_SCALED_INPUT=add_scaled_input, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=8 if block_m == 128 else 4, num_stages=4,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
-def XXT(a, out, block_m=None, block_k=64):
+def XXT(a, out, **config):
     """out = a @ a^T for a of shape (M, K) or (B, M, K); out (M, M) or (B, M, M)."""
-    return _launch_symmetric(_as_batched(a), _as_batched(out), 1.0, 0.0, False, block_m, block_k).view_as(out)
+    return _launch_symmetric(_as_batched(a), _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
 
 
-def XTX(a, out, block_m=None, block_k=64):
+def XTX(a, out, **config):
     """out = a^T @ a for a of shape (M, K) or (B, M, K); out (K, K) or (B, K, K)."""
-    return _launch_symmetric(_as_batched(a).mT, _as_batched(out), 1.0, 0.0, False, block_m, block_k).view_as(out)
+    return _launch_symmetric(_as_batched(a).mT, _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
 
 
-def ba_plus_cAA(a, out, alpha, beta, block_m=None, block_k=64):
+def ba_plus_cAA(a, out, alpha, beta, **config):
     """out = alpha * a @ a^T + beta * a for symmetric square a (M, M) or (B, M, M)."""
-    return _launch_symmetric(_as_batched(a), _as_batched(out), alpha, beta, True, block_m, block_k).view_as(out)
+    return _launch_symmetric(_as_batched(a), _as_batched(out), alpha, beta, True, **config).view_as(out)
 
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
@@ -125,14 +122,19 @@ def _launch_transpose(src, dst, accumulate, block):
     return dst
 
 
-def transpose_copy(src, dst, block=32):
+def transpose_copy(src, dst, block=64):
     """dst (N, M) = src^T for src (M, N)."""
     return _launch_transpose(src, dst, False, block)
 
 
-def transpose_add(src, dst, block=32):
+def transpose_add(src, dst, block=64):
     """dst (N, M) += src^T for src (M, N)."""
     return _launch_transpose(src, dst, True, block)
+
+
+def transposed(src):
+    """A contiguous copy of src^T."""
+    return transpose_copy(src, src.new_empty(src.size(1), src.size(0)))
 
 
 # Fused linear + ReLU^2 (MLP up-projection), a persistent matmul with a fused epilogue.
@@ -185,11 +187,11 @@ def _num_sms(device):
 
 
 def _launch_linear_relu_square(x, w, pre, out, backward, block_m=128, block_n=256, block_k=64,
-                               num_warps=8, num_stages=3):
+                               num_warps=8, num_stages=3, persistent=True):
     m, k = x.shape
     n = w.size(0)
     num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    num_programs = min(num_tiles, _num_sms(x.device))
+    num_programs = min(num_tiles, _num_sms(x.device)) if persistent else num_tiles
     _linear_relu_square_kernel[(num_programs,)](
         x, w, pre, out, m, n, k,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -336,7 +338,7 @@ class FP8SoftcapMTPLoss(torch.autograd.Function):
         w_scale = torch.tensor(W_SCALE, dtype=torch.float32, device=x.device)
         x_f8 = x.div(X_SCALE).to(torch.float8_e4m3fn)
         w_f8 = w.div(W_SCALE).to(torch.float8_e4m3fn)
-        logits = torch._scaled_mm(x_f8, w_f8.mT.contiguous().mT, scale_a=x_scale, scale_b=w_scale,
+        logits = torch._scaled_mm(x_f8, transposed(w_f8).mT, scale_a=x_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
         losses, lse = softcap_ce_forward(logits, targets, mtp_weights)
         ctx.save_for_backward(x_f8, w_f8, x_scale, w_scale, logits, targets, mtp_weights, lse)
@@ -352,7 +354,7 @@ class FP8SoftcapMTPLoss(torch.autograd.Function):
         grad_scale = torch.tensor(grad_s, dtype=torch.float32, device=logits.device)
         grad_x = torch._scaled_mm(grad_f8, w_f8.mT, scale_a=grad_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
-        grad_w = torch._scaled_mm(x_f8.mT.contiguous(), grad_f8.mT.contiguous().mT, scale_a=x_scale,
+        grad_w = torch._scaled_mm(transposed(x_f8), transposed(grad_f8).mT, scale_a=x_scale,
                                   scale_b=grad_scale, out_dtype=torch.float32, use_fast_accum=False)
         return grad_x, grad_w.to(ctx.w_dtype), None, None, None
 
@@ -366,6 +368,18 @@ POLAR_EXPRESS_COEFFS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+
+
+def gram(X, out, tall):
+    """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the
+    shapes where it measured faster than cuBLAS on an H200 (kernels_test.py --bench --sweep)."""
+    use_kernel = X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE
+    if use_kernel:
+        return (XTX if tall else XXT)(X, out)
+    return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
+
+
+GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 12, 8
 
 
 def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.bfloat16):
@@ -383,7 +397,7 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
     A = X.new_empty(X.size(0), size, size)
     B = torch.empty_like(A)
     for a, b, c in POLAR_EXPRESS_COEFFS:
-        (XTX if tall else XXT)(X, A)
+        gram(X, A, tall)
         ba_plus_cAA(A, B, alpha=c, beta=b)
         if not tall:
             X = torch.baddbmm(X, B, X, beta=a)
