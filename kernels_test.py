@@ -252,7 +252,7 @@ def reference_polar_express(grad, momentum_buffer, momentum, compute_dtype, math
 
 
 @pytest.mark.parametrize("shape", gpu_or_cpu([(40, 768, 768), (24, 3072, 768), (5, 768, 768), (3, 3072, 768)],
-                                             [(3, 40, 72), (2, 72, 40), (1, 1030, 24)]))
+                                             [(3, 40, 72), (2, 72, 40), (12, 40, 16), (1, 1030, 24)]))
 def test_nesterov_polar_express(shape):
     grad = torch.randn(shape, device=DEVICE)
     buf = torch.randn(shape, device=DEVICE)
