@@ -177,9 +177,10 @@ def reference_mtp_losses(logits, targets, weights):
     return losses
 
 
-def random_logits_and_targets(rows, vocab):
+def random_logits_and_targets(rows, vocab, distinct_targets=None):
+    """distinct_targets: draw targets from that many tokens, so neighbouring rows share targets."""
     logits = randn(rows, vocab, scale=4.0)
-    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+    targets = torch.randint(0, distinct_targets or vocab, (rows,), device=DEVICE)
     return logits, targets
 
 
@@ -194,10 +195,11 @@ def test_softcap_ce_forward(weights):
 
 
 @pytest.mark.parametrize("weights", MTP_WEIGHTS)
+@pytest.mark.parametrize("distinct_targets", [None, 2])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, pytest.param(torch.float8_e5m2, marks=pytest.mark.skipif(
     not GPU, reason="the Triton 3.6 interpreter rounds to fp8 wrongly when rounding carries into the exponent"))])
-def test_softcap_ce_backward(weights, grad_dtype):
-    logits, targets = random_logits_and_targets(CE_ROWS, VOCAB)
+def test_softcap_ce_backward(weights, distinct_targets, grad_dtype):
+    logits, targets = random_logits_and_targets(CE_ROWS, VOCAB, distinct_targets)
     w = torch.tensor(weights, device=DEVICE)
     _, lse = tg.softcap_ce_forward(logits, targets, w)
     grad_loss = torch.rand((), device=DEVICE) + 0.5
@@ -324,12 +326,12 @@ def _bench_rows():
     add("transpose add 768x50304", lambda: tg.transpose_add(src, dst), lambda: dst.add_(src.T))
     for batch in (5, 40):
         a, out = _bf16(batch, 768, 768), _bf16(batch, 768, 768)
-        add(f"A·Aᵀ {batch}x768x768", lambda: tg.XXT(a, out), lambda: torch.bmm(a, a.mT, out=out))
+        add(f"A·Aᵀ {batch}x768x768 (gram)", lambda: tg.gram(a, out, tall=False), lambda: torch.bmm(a, a.mT, out=out))
         add(f"c·A·Aᵀ+b·A {batch}x768x768", lambda: tg.ba_plus_cAA(out, a, 0.5, -1.5),
             lambda: torch.baddbmm(out, out, out.mT, beta=-1.5, alpha=0.5, out=a))
-    for batch in (3, 24):
+    for batch in (3, 6, 24):
         a, out = _bf16(batch, 3072, 768), _bf16(batch, 768, 768)
-        add(f"Aᵀ·A {batch}x3072x768", lambda: tg.XTX(a, out), lambda: torch.bmm(a.mT, a, out=out))
+        add(f"Aᵀ·A {batch}x3072x768 (gram)", lambda: tg.gram(a, out, tall=True), lambda: torch.bmm(a.mT, a, out=out))
     w, w_proj = _bf16(3072, 768, scale=0.03), _bf16(3072, 768, scale=0.03)
     for tokens in (16384, 49152):
         x, pre = _bf16(tokens, 768), _bf16(tokens, 3072)

@@ -244,8 +244,11 @@ X_SCALE, W_SCALE, GRAD_SCALE = 100 / 448, 1.6 / 448, 0.75 / 448
 
 
 @triton.jit
-def _softcap(logits, SOFTCAP: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr):
-    return SOFTCAP * tl.sigmoid((logits + SHIFT) / DIVISOR)
+def _gate(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr):
+    """sigmoid((logits + SHIFT) / DIVISOR) with an approximate reciprocal: these kernels are bound by
+    special-function throughput, and IEEE division costs several instructions per element."""
+    u = (logits + SHIFT) * (1.0 / DIVISOR)
+    return tl.fdiv(1.0, 1.0 + tl.exp2(u * -1.4426950408889634), ieee_rounding=False)
 
 
 @triton.jit
@@ -260,14 +263,14 @@ def _softcap_ce_forward_kernel(
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         logits = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        z = _softcap(logits, SOFTCAP, SHIFT, DIVISOR)
+        z = SOFTCAP * _gate(logits, SHIFT, DIVISOR)
         sum_exp += tl.where(cols < n_cols, tl.exp(z), 0.0)
     lse = tl.log(tl.sum(sum_exp, axis=0))
     k = tl.arange(0, PREDICTIONS_P2)
     valid = (k < NUM_PREDICTIONS) & (row + k < n_rows)
     targets = tl.load(targets_ptr + row + k, mask=valid, other=0)
     weights = tl.load(weights_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    z_targets = _softcap(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SOFTCAP, SHIFT, DIVISOR)
+    z_targets = SOFTCAP * _gate(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR)
     loss = tl.sum(tl.where(valid, weights * (lse - z_targets), 0.0), axis=0)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
@@ -280,25 +283,29 @@ def _softcap_ce_backward_kernel(
     SOFTCAP: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
     NUM_PREDICTIONS: tl.constexpr, PREDICTIONS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # d loss / d logit = grad_loss * (S * softmax(z) - sum_k w_k onehot(target_k)) * dz/dlogit with
+    # S = sum_k w_k, pre-divided by the FP8 gradient scale. The softmax term is written for every
+    # column; the few target columns are then rewritten with their one-hot terms.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
+    grad_row_ptr = grad_ptr + row * stride_grad_row
     k = tl.arange(0, PREDICTIONS_P2)
     valid = (k < NUM_PREDICTIONS) & (row + k < n_rows)
     targets = tl.load(targets_ptr + row + k, mask=valid, other=-1)
     weights = tl.load(weights_ptr + k, mask=valid, other=0.0).to(tl.float32)
     weight_sum = tl.sum(weights, axis=0)
     lse = tl.load(lse_ptr + row)
-    # d loss / d logit = grad * (S * softmax(z) - sum_k w_k onehot_k) * dz/dlogit, pre-divided by
-    # the FP8 gradient scale.
     scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.cast(inv_grad_scale, tl.float32) * (SOFTCAP / DIVISOR)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        logits = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        sig = tl.sigmoid((logits + SHIFT) / DIVISOR)
-        probs = tl.exp(SOFTCAP * sig - lse)
-        onehot = tl.sum(tl.where(cols[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
-        grad = scale * (weight_sum * probs - onehot) * sig * (1.0 - sig)
-        tl.store(grad_ptr + row * stride_grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+        gate = _gate(tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32), SHIFT, DIVISOR)
+        grad = (scale * weight_sum) * tl.exp(SOFTCAP * gate - lse) * gate * (1.0 - gate)
+        tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
+    tl.debug_barrier()  # the rewrites below must land after this program's stores above
+    gate = _gate(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR)
+    onehot = tl.sum(tl.where(targets[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
+    grad = scale * (weight_sum * tl.exp(SOFTCAP * gate - lse) - onehot) * gate * (1.0 - gate)
+    tl.store(grad_row_ptr + targets, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def _ce_launch_args(mtp_weights):
@@ -379,7 +386,7 @@ def gram(X, out, tall):
     return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
 
 
-GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 12, 8
+GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
 
 
 def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.bfloat16):
