@@ -4,11 +4,213 @@ Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
 Sections, in order: data, kernels, model, optimizer, schedule, main. Importing this file runs
 nothing, so tests can import its pieces.
 """
+import concurrent.futures
+import glob
 import math
+import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# Data
+#
+# Shards: 256 int32 header words (magic, version, token count, ...) then uint16 tokens. Every
+# document begins with BOS. Training batches are BOS-aligned and drawn identically for every
+# world size: a step is 8 slots of L + 1 tokens (L = batch / 8); slot j goes to micro-step
+# j // world_size on rank j % world_size.
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+HEADER_BYTES = 4 * HEADER_WORDS
+BOS_ID = 50256
+VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128
+BIGRAM_VOCAB_SIZE = 5 * VOCAB_SIZE
+SLOTS_PER_STEP = 8  # world_size * grad_accum_steps, for every world size
+SYNC_BOS_INDEX_TOKENS = 6_000_000  # a fresh shard's BOS index covers this much at once, the rest in the background
+FETCH_HINT = ("fetch FineWeb with `python data/cached_fineweb10B.py 9`, or make synthetic shards with "
+              "`python data/synthetic.py` and pass --train_files / --val_files")
+
+
+class DataError(Exception):
+    """A problem with the token data that the user must fix; the message says what to do."""
+
+
+def shard_problem(path):
+    """None if path is a well-formed shard, else a sentence saying what is wrong with it."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if header.size < HEADER_WORDS or header[0] != SHARD_MAGIC:
+        return f"is not a token shard (magic {header[0] if header.size else 'missing'}, expected {SHARD_MAGIC})"
+    if header[1] != SHARD_VERSION:
+        return f"has shard version {header[1]}, expected {SHARD_VERSION}"
+    expected = HEADER_BYTES + 2 * int(header[2])
+    if size != expected:
+        return f"has {size} bytes but its header promises {header[2]} tokens ({expected} bytes): truncated or corrupt"
+    return None
+
+
+def load_shard(path):
+    """All tokens of a shard as a uint16 tensor, in pinned memory when a GPU is there."""
+    problem = shard_problem(path)
+    if problem:
+        raise DataError(f"{path} {problem}. Delete it and fetch or generate it again.")
+    num_tokens = (os.path.getsize(path) - HEADER_BYTES) // 2
+    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=torch.cuda.is_available())
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        f.readinto(tokens.numpy())
+    return tokens
+
+
+def shard_files(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"No files match {pattern!r}: {FETCH_HINT}.")
+    return files
+
+
+def max_num_docs(local_tokens):
+    """Fixed length of cu_seqlens: L // 300 rounded up to a multiple of 128 (static shapes for compile)."""
+    return 128 * max(1, -(-(local_tokens // 300) // 128))
+
+
+def bigram_hash(x):
+    """h[0] = B - 1; h[i] = (36313 x[i] XOR 27191 p[i-1]) mod (B - 1) with p = x, p[0] = B - 1, int32
+    wrap-around products and a floor modulo (B = bigram vocab). x: int32 numpy array."""
+    prev = x[:-1].copy()
+    if prev.size:
+        prev[0] = BIGRAM_VOCAB_SIZE - 1
+    h = np.empty_like(x)
+    h[0] = BIGRAM_VOCAB_SIZE - 1
+    mixed = np.bitwise_xor(x[1:] * np.int32(36313), prev * np.int32(27191))
+    h[1:] = np.mod(mixed, BIGRAM_VOCAB_SIZE - 1)
+    return h
+
+
+def micro_batch(buf, doc_starts, device, path):
+    """Tensors for one rank's micro-step from L + 1 tokens buf (int32) whose documents start at
+    doc_starts: inputs int32, targets int64, cu_seqlens int32 (padded with L), bigram hashes int32."""
+    local_tokens = buf.size - 1
+    cu_seqlens = np.full(max_num_docs(local_tokens), local_tokens, dtype=np.int32)
+    if len(doc_starts) + 1 > cu_seqlens.size:
+        raise DataError(f"{path}: a micro-batch of {local_tokens} tokens holds {len(doc_starts)} documents, more than "
+                        f"the {cu_seqlens.size - 1} that max_num_docs allows. Shards with such short documents "
+                        "need a larger max_num_docs.")
+    cu_seqlens[:len(doc_starts)] = doc_starts
+    inputs = buf[:-1]
+    host = (torch.from_numpy(inputs), torch.from_numpy(buf[1:].astype(np.int64)), torch.from_numpy(cu_seqlens),
+            torch.from_numpy(bigram_hash(inputs)))
+    if torch.device(device).type == "cuda":
+        host = [t.pin_memory() for t in host]
+    return tuple(t.to(device, non_blocking=True) for t in host)
+
+
+class ShardReader:
+    """Walks the training shards in order; loads the next shard and BOS-indexes the current one in
+    background threads."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.files = shard_files(pattern)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self.next_index = 0
+        self.next_load = self.pool.submit(load_shard, self.files[0])
+        self.advance()
+
+    def advance(self):
+        """Switch to the next shard (already loading) and start loading the one after it."""
+        if self.next_load is None:
+            raise DataError(f"Ran out of training data after {self.path}: the schedule needs more tokens than "
+                            f"{self.pattern!r} holds ({len(self.files)} shards). Add shards: {FETCH_HINT}.")
+        self.path = self.files[self.next_index]
+        self.tokens = self.next_load.result()
+        self.array = self.tokens.numpy()
+        self.next_index += 1
+        self.next_load = (self.pool.submit(load_shard, self.files[self.next_index])
+                          if self.next_index < len(self.files) else None)
+        self.bos = np.flatnonzero(self.array[:SYNC_BOS_INDEX_TOKENS] == BOS_ID)
+        self.bos_complete = self.array.size <= SYNC_BOS_INDEX_TOKENS
+        self.full_bos = None if self.bos_complete else self.pool.submit(np.flatnonzero, self.array == BOS_ID)
+
+    def document_end(self, doc):
+        """End of document number doc of this shard (the next BOS), or None past the last full one."""
+        if doc + 1 >= self.bos.size and not self.bos_complete:
+            self.bos, self.bos_complete = self.full_bos.result(), True
+        return self.bos[doc + 1] if doc + 1 < self.bos.size else None
+
+
+def plan_step(shard, cursor, local_tokens, max_seq_len):
+    """The 8 slots of one step, each a list of (start, end) token ranges, and the advanced cursor;
+    None if the walk runs past the last complete document of the shard."""
+    slots = []
+    for _ in range(SLOTS_PER_STEP):
+        segments, taken = [], 0
+        while taken < local_tokens + 1:
+            end = shard.document_end(cursor)
+            if end is None:
+                return None
+            start = shard.bos[cursor]
+            end = min(end, start + max_seq_len, start + local_tokens + 1 - taken)
+            segments.append((start, end))
+            taken += end - start
+            cursor += 1
+        slots.append(segments)
+    return slots, cursor
+
+
+def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_steps, rank=0, world_size=1,
+                               device="cuda"):
+    """Yields (inputs, targets, cu_seqlens, bigram_hash) for each micro-step of this rank.
+
+    send((batch_tokens, max_seq_len, grad_accum_steps)) after the last micro-step of a step switches
+    the next steps to a new stage and returns that step's first micro-batch.
+    """
+    shard = ShardReader(pattern)
+    cursor = 0
+    while True:
+        if world_size * grad_accum_steps != SLOTS_PER_STEP or batch_tokens % SLOTS_PER_STEP:
+            raise ValueError(f"world_size * grad_accum_steps must be {SLOTS_PER_STEP} and the batch a multiple of it")
+        local_tokens = batch_tokens // SLOTS_PER_STEP
+        plan = plan_step(shard, cursor, local_tokens, max_seq_len)
+        while plan is None:  # a step never spans two shards: drop the old shard's tail
+            shard.advance()
+            plan = plan_step(shard, 0, local_tokens, max_seq_len)
+        slots, cursor = plan
+        for micro_step in range(grad_accum_steps):
+            segments = slots[micro_step * world_size + rank]
+            buf = np.concatenate([shard.array[a:b] for a, b in segments]).astype(np.int32)
+            doc_starts = np.cumsum([0] + [b - a for a, b in segments[:-1]])
+            new_stage = yield micro_batch(buf, doc_starts, device, shard.path)
+            if new_stage is not None:
+                if micro_step != grad_accum_steps - 1:
+                    raise ValueError("a new stage can only be sent after the last micro-step of a step")
+                batch_tokens, max_seq_len, grad_accum_steps = new_stage
+
+
+def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
+    """Yields (inputs, targets, cu_seqlens, bigram_hash) of contiguous validation windows (not
+    BOS-aligned): slot j of each val step takes local_tokens + 1 tokens at j * local_tokens;
+    documents start at the BOS tokens of the inputs."""
+    step_tokens = local_tokens * world_size * grad_accum_steps
+    if val_tokens % step_tokens:
+        raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
+    files = shard_files(pattern)
+    tokens = torch.cat([load_shard(f) for f in files]).numpy()
+    if tokens.size < val_tokens + 1:
+        raise DataError(f"{pattern!r} holds {tokens.size} tokens, fewer than the {val_tokens} + 1 that validation "
+                        f"needs: lower --val_tokens, or {FETCH_HINT}.")
+    for step_start in range(0, val_tokens, step_tokens):
+        for micro_step in range(grad_accum_steps):
+            start = step_start + (micro_step * world_size + rank) * local_tokens
+            buf = tokens[start:start + local_tokens + 1].astype(np.int32)
+            doc_starts = np.union1d([0], np.flatnonzero(buf[:-1] == BOS_ID))
+            yield micro_batch(buf, doc_starts, device, files[0])
 
 # ----------------------------------------------------------------------------------------------
 # Kernels

@@ -1,0 +1,368 @@
+"""Data pipeline tests (CPU): shard format, BOS-aligned loader, validation windows, bigram hash,
+errors, the synthetic generator and the download script."""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data"))
+
+import synthetic  # noqa: E402
+import train_gpt as tg  # noqa: E402
+
+BOS = tg.BOS_ID
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "data", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- test shards whose documents say who they are ------------------------------------------------
+# Document i is [BOS, i, i + 1, ...] (mod 50000), so every check below is independent of the loader.
+
+def document(doc_id, length):
+    return np.concatenate([[BOS], (doc_id + np.arange(length - 1)) % 50000]).astype(np.uint16)
+
+
+def write_documents(path, first_id, lengths):
+    synthetic.write_shard(path, np.concatenate([document(first_id + i, n) for i, n in enumerate(lengths)]))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two train shards (documents 0.. and 20000..) with lengths 20..600, some over max_seq_len."""
+    rng = np.random.default_rng(0)
+    write_documents(tmp_path / "fineweb_train_000001.bin", 0, rng.integers(20, 600, 300))
+    write_documents(tmp_path / "fineweb_train_000002.bin", 20000, rng.integers(20, 600, 500))
+    return str(tmp_path / "fineweb_train_*.bin")
+
+
+def draw(pattern, world_size, steps, stages, rank_filter=None):
+    """Per step: all ranks' (inputs, targets, cu_seqlens, bigram) in slot order. stages: list of
+    (first_step, (batch, max_seq_len)) with the first at step 0."""
+    stage_at = dict(stages)
+    batch, max_seq_len = stage_at[0]
+    grad_accum = 8 // world_size
+    gens = [tg.distributed_data_generator(pattern, batch, max_seq_len, grad_accum, rank, world_size, device="cpu")
+            for rank in range(world_size)]
+    out = []
+    for step in range(steps):
+        slots = [None] * 8
+        for micro in range(grad_accum):
+            for rank, gen in enumerate(gens):
+                if micro == 0 and step in stage_at and step > 0:
+                    batch_i = gen.send((*stage_at[step], grad_accum))
+                else:
+                    batch_i = next(gen)
+                slots[micro * world_size + rank] = [t.numpy() for t in batch_i]
+        out.append(slots)
+    return out
+
+
+def documents_of(inputs, targets, cu_seqlens):
+    """The documents of one slot as token arrays, the final target included: it extends the last
+    document, or is a one-token document of its own when it is a BOS (cu_seqlens cannot show that
+    one: its start, L, looks like padding)."""
+    local = inputs.size
+    bounds = sorted(set(cu_seqlens.tolist()) | {local})
+    docs = [inputs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if targets[-1] == BOS:
+        return docs + [targets[-1:]]
+    docs[-1] = np.concatenate([docs[-1], targets[-1:]])
+    return docs
+
+
+STAGES = [(0, (8 * 512, 256)), (5, (8 * 1024, 384))]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_training_batches_invariants(shards, world_size):
+    steps = draw(shards, world_size, 14, STAGES)
+    prev_id = None
+    for step, slots in enumerate(steps):
+        batch, max_seq_len = (STAGES[1] if step >= 5 else STAGES[0])[1]
+        local = batch // 8
+        step_ids = []
+        for inputs, targets, cu, bigram in slots:
+            assert inputs.dtype == np.int32 and targets.dtype == np.int64 and cu.dtype == np.int32
+            assert inputs.shape == targets.shape == bigram.shape == (local,)
+            assert cu.shape == (tg.max_num_docs(local),) and cu[0] == 0 and np.all(np.diff(cu) >= 0)
+            assert np.array_equal(targets[:-1], inputs[1:])
+            assert np.array_equal(bigram, tg.bigram_hash(inputs))
+            assert inputs[0] == BOS
+            for doc in documents_of(inputs, targets, cu):
+                assert doc[0] == BOS and len(doc) <= max_seq_len
+                if len(doc) == 1:  # a lone BOS: the next document, whose id is not in the batch
+                    prev_id += 1
+                    continue
+                doc_id = int(doc[1])
+                assert np.array_equal(doc, document(doc_id, len(doc)))  # an untouched prefix of its document
+                if prev_id is not None and doc_id != prev_id + 1:
+                    assert doc_id == 20000 and slots[0][0][1] == doc_id, "documents skipped outside a rollover"
+                prev_id = doc_id
+                step_ids.append(doc_id)
+        assert all(i < 20000 for i in step_ids) or all(i >= 20000 for i in step_ids), "a step spans two shards"
+    assert prev_id > 20000, "the test never rolled over to the second shard"
+
+
+def test_same_stream_for_every_world_size(shards):
+    streams = {}
+    for world_size in (1, 2, 4, 8):
+        steps = draw(shards, world_size, 12, STAGES)
+        streams[world_size] = [np.concatenate([s[0] for s in slots]) for slots in steps]
+    for world_size in (2, 4, 8):
+        assert all(np.array_equal(a, b) for a, b in zip(streams[1], streams[world_size]))
+
+
+def test_stage_change_only_at_step_end(shards):
+    gen = tg.distributed_data_generator(shards, 8 * 512, 256, 4, 0, 2, device="cpu")
+    next(gen)
+    with pytest.raises(ValueError, match="last micro-step"):
+        gen.send((8 * 1024, 256, 4))
+
+
+def test_runs_out_of_training_data(shards):
+    gen = tg.distributed_data_generator(shards, 8 * 4096, 2048, 8, device="cpu")
+    with pytest.raises(tg.DataError, match=r"Ran out of training data.*fineweb_train_000002.bin.*cached_fineweb10B"):
+        for _ in range(1000):
+            next(gen)
+
+
+def test_too_many_documents(tmp_path):
+    write_documents(tmp_path / "fineweb_train_000001.bin", 0, [4] * 3000)
+    gen = tg.distributed_data_generator(str(tmp_path / "*.bin"), 8 * 1024, 256, 8, device="cpu")
+    with pytest.raises(tg.DataError, match="max_num_docs"):
+        next(gen)
+
+
+def test_no_files(tmp_path):
+    pattern = str(tmp_path / "nothing_*.bin")
+    with pytest.raises(tg.DataError, match=r"No files match .*nothing_\*\.bin.*cached_fineweb10B\.py 9.*synthetic\.py"):
+        next(tg.distributed_data_generator(pattern, 8 * 512, 256, 8, device="cpu"))
+
+
+@pytest.mark.parametrize("corruption,message", [
+    ("magic", "not a token shard"), ("version", "shard version 7"), ("truncate", "truncated or corrupt"),
+    ("extra", "truncated or corrupt")])
+def test_broken_shard(tmp_path, corruption, message):
+    path = tmp_path / "fineweb_train_000001.bin"
+    write_documents(path, 0, [100] * 50)
+    raw = bytearray(path.read_bytes())
+    if corruption == "magic":
+        raw[0:4] = np.int32(1234).tobytes()
+    elif corruption == "version":
+        raw[4:8] = np.int32(7).tobytes()
+    elif corruption == "truncate":
+        raw = raw[:-10]
+    else:
+        raw += b"\0\0"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(tg.DataError, match=f"fineweb_train_000001.bin .*{message}.*Delete it"):
+        next(tg.distributed_data_generator(str(path), 8 * 64, 64, 8, device="cpu"))
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.random.default_rng(1).integers(0, 50257, 12345).astype(np.uint16)
+    path = tmp_path / "x.bin"
+    synthetic.write_shard(path, tokens)
+    assert path.stat().st_size == tg.HEADER_BYTES + 2 * tokens.size
+    header = np.fromfile(path, dtype="<i4", count=3)
+    assert header.tolist() == [20240520, 1, tokens.size]
+    assert tg.shard_problem(str(path)) is None
+    assert np.array_equal(tg.load_shard(str(path)).numpy(), tokens)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_validation_windows(tmp_path, world_size):
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 50000, 40000).astype(np.uint16)
+    tokens[rng.choice(40000, 90, replace=False)] = BOS
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    local, val_tokens, grad_accum = 1024, 2 * 8 * 1024, 8 // world_size
+    gens = [tg.validation_batches(str(tmp_path / "fineweb_val_*.bin"), val_tokens, local, grad_accum, rank,
+                                  world_size, device="cpu") for rank in range(world_size)]
+    for step in range(2):
+        for micro in range(grad_accum):
+            for rank, gen in enumerate(gens):
+                inputs, targets, cu, bigram = [t.numpy() for t in next(gen)]
+                start = step * 8 * local + (micro * world_size + rank) * local
+                assert np.array_equal(inputs, tokens[start:start + local])
+                assert np.array_equal(targets, tokens[start + 1:start + local + 1])
+                starts = sorted(set([0] + np.flatnonzero(inputs == BOS).tolist()))
+                assert cu.tolist() == starts + [local] * (tg.max_num_docs(local) - len(starts))
+                assert np.array_equal(bigram, tg.bigram_hash(inputs))
+    assert all(next(gen, None) is None for gen in gens)
+
+
+def test_validation_needs_enough_tokens(tmp_path):
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.full(8 * 1024, BOS, dtype=np.uint16))
+    with pytest.raises(tg.DataError, match=r"fewer than the 8192 \+ 1.*--val_tokens"):
+        next(tg.validation_batches(str(tmp_path / "*.bin"), 8 * 1024, 1024, 8, device="cpu"))
+
+
+# --- bigram hash ---------------------------------------------------------------------------------
+
+def reference_bigram_hash(x):
+    def wrap32(v):
+        return (v + 2**31) % 2**32 - 2**31
+    mod = tg.BIGRAM_VOCAB_SIZE - 1
+    prev = [mod] + [int(v) for v in x[1:-1]]
+    h = [mod]
+    for i in range(1, len(x)):
+        h.append((wrap32(36313 * int(x[i])) ^ wrap32(27191 * prev[i - 1])) % mod)
+    return np.array(h)
+
+
+def test_bigram_hash_example():
+    assert tg.bigram_hash(np.array([50256, 100], dtype=np.int32)).tolist() == [251519, 223063]
+
+
+def test_bigram_hash_matches_reference():
+    x = np.random.default_rng(3).integers(0, 50304, 5000).astype(np.int32)
+    x[:3] = [50256, 50303, 65535 // 2]
+    h = tg.bigram_hash(x)
+    assert h.dtype == np.int32 and np.array_equal(h, reference_bigram_hash(x))
+    assert (h >= 0).all() and (h < tg.BIGRAM_VOCAB_SIZE).all()
+
+
+# --- synthetic shards ----------------------------------------------------------------------------
+
+def test_synthetic_is_deterministic_and_fineweb_like():
+    table = synthetic.PhraseTable(seed=5)
+    a = synthetic.make_shard(table, 5, 1, 2_000_000)
+    assert np.array_equal(a, synthetic.make_shard(synthetic.PhraseTable(seed=5), 5, 1, 2_000_000))
+    assert not np.array_equal(a, synthetic.make_shard(synthetic.PhraseTable(seed=6), 6, 1, 2_000_000))
+    assert a[0] == BOS and a.max() < 50257
+    lengths = np.diff(np.flatnonzero(a == BOS))
+    assert 330 < np.median(lengths) < 470 and lengths.min() >= 32 and (lengths > 2000).mean() > 0.02
+
+
+def test_synthetic_tokens_are_learnable():
+    """A bigram model fitted on 1.5M tokens predicts held-out tokens far better than log(vocab)."""
+    tokens = synthetic.make_shard(synthetic.PhraseTable(seed=0), 0, 1, 2_000_000).astype(np.int64)
+    train, held_out = tokens[:1_500_000], tokens[1_500_000:]
+    pair_counts = {}
+    keys, counts = np.unique(train[:-1] * 50257 + train[1:], return_counts=True)
+    pair_counts = dict(zip(keys.tolist(), counts.tolist()))
+    prev_counts = np.bincount(train[:-1], minlength=50257)
+    unigram = (np.bincount(train, minlength=50257) + 1) / (train.size + 50257)
+    pairs = (held_out[:-1] * 50257 + held_out[1:]).tolist()
+    bigram = np.array([pair_counts.get(p, 0) for p in pairs]) / np.maximum(prev_counts[held_out[:-1]], 1)
+    probs = 0.9 * bigram + 0.1 * unigram[held_out[1:]]
+    assert -np.log(probs).mean() < 0.5 * np.log(50257)
+
+
+def test_synthetic_cli_output_feeds_the_loader(tmp_path):
+    synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "300000",
+                    "--val-tokens", str(2 * 8 * 1024 + 1), "--seed", "3"])
+    gen = tg.distributed_data_generator(str(tmp_path / "fineweb_train_*.bin"), 8 * 2048, 896, 8, device="cpu")
+    for _ in range(40):  # crosses into the second shard
+        inputs, targets, cu, _ = next(gen)
+        assert inputs[0] == BOS and (inputs[cu[:-1][cu[:-1] < inputs.numel()].long()] == BOS).all()
+    val = list(tg.validation_batches(str(tmp_path / "fineweb_val_*.bin"), 2 * 8 * 1024, 1024, 8, device="cpu"))
+    assert len(val) == 16
+
+
+def test_synthetic_defaults_cover_the_record_schedule(tmp_path):
+    """The default shards hold what the 1490-step schedule draws, BOS-alignment waste included,
+    measured by walking a sample shard with each stage's batch and max_seq_len."""
+    defaults = synthetic.build_parser().parse_args([])
+    table = synthetic.PhraseTable(defaults.seed)
+    synthetic.write_shard(tmp_path / "sample.bin", synthetic.make_shard(table, defaults.seed, 1, 12_000_000))
+    shard = tg.ShardReader(str(tmp_path / "sample.bin"))
+    needed = 0
+    for steps, batch, max_seq_len in ((483, 131072, 896), (484, 262144, 2048), (523, 393216, 2048)):
+        cursor = 0
+        for _ in range(20):
+            _, cursor = tg.plan_step(shard, cursor, batch // 8, max_seq_len)
+        needed += steps * shard.bos[cursor] / 20
+    # each rollover drops at most one step of the old shard
+    needed += defaults.train_shards * 393216 * 1.2
+    assert defaults.train_shards * defaults.shard_tokens > 1.05 * needed
+    assert defaults.val_tokens == 10_485_760 + 1
+
+
+# --- download script (hf_hub_download replaced by a fake) ----------------------------------------
+
+@pytest.fixture
+def download(monkeypatch):
+    """The download script with a fake hub: each call writes the next outcome ('good' by default,
+    'corrupt' = truncated) or raises it, and is recorded."""
+    module = load_script("cached_fineweb10B")
+    calls, outcomes = [], []
+
+    def fake_hf_hub_download(repo_id, filename, repo_type, local_dir, force_download=False):
+        calls.append((repo_id, filename, repo_type, force_download))
+        outcome = outcomes.pop(0) if outcomes else "good"
+        if isinstance(outcome, Exception):
+            raise outcome
+        path = os.path.join(local_dir, filename)
+        synthetic.write_shard(path, np.full(1000, BOS, dtype=np.uint16))
+        if outcome == "corrupt":
+            with open(path, "r+b") as f:
+                f.truncate(1500)
+        return path
+
+    monkeypatch.setattr(module, "hf_hub_download", fake_hf_hub_download)
+    return module, calls, outcomes
+
+
+def test_download_fetches_val_and_train_then_skips_valid_files(download, tmp_path, capsys):
+    module, calls, _ = download
+    assert module.main(["2", "--local-dir", str(tmp_path)]) == 0
+    assert [c[1] for c in calls] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert all(c[0] == "kjj0/fineweb10B-gpt2" and c[2] == "dataset" for c in calls)
+    assert all(tg.shard_problem(str(p)) is None for p in tmp_path.iterdir())
+    calls.clear()
+    assert module.main(["2", "--local-dir", str(tmp_path)]) == 0
+    assert calls == [] and "3 already there" in capsys.readouterr().out
+
+
+def test_download_refetches_corrupt_files(download, tmp_path):
+    module, calls, outcomes = download
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.zeros(10, dtype=np.uint16))
+    with open(tmp_path / "fineweb_val_000000.bin", "r+b") as f:
+        f.truncate(1030)  # a corrupt copy left by an interrupted download
+    outcomes.extend(["corrupt", "good"])
+    assert module.main(["1", "--local-dir", str(tmp_path)]) == 0
+    assert [c[1] for c in calls] == ["fineweb_val_000000.bin"] * 2 + ["fineweb_train_000001.bin"]
+    assert calls[0][3] and calls[1][3], "a corrupt file on disk must be downloaded again with force_download"
+    assert all(tg.shard_problem(str(p)) is None for p in tmp_path.iterdir())
+
+
+def test_download_gives_up_on_a_file_that_stays_corrupt(download, tmp_path, capsys):
+    module, calls, outcomes = download
+    outcomes.extend(["corrupt"] * 3)
+    assert module.main(["1", "--local-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # the rest is tqdm's bar
+    assert len(calls) == 3 and len(errors) == 1 and "Traceback" not in err
+    assert "fineweb_val_000000.bin is still corrupt after 3 downloads" in errors[0]
+
+
+def test_download_unreachable_hub_is_one_line(download, tmp_path, capsys):
+    module, _, outcomes = download
+    outcomes.append(ConnectionError("Failed to resolve 'huggingface.co'\nmore details"))
+    assert module.main(["1", "--local-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and "more details" not in err
+    assert "could not download fineweb_val_000000.bin from the Hugging Face Hub" in errors[0]
+    assert "Failed to resolve" in errors[0] and "run this again" in errors[0]
+
+
+def test_download_help_explains_the_argument(download, capsys):
+    module = download[0]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "default 103" in out and "needs 9" in out

@@ -1,0 +1,124 @@
+"""Synthetic token shards in FineWeb's format and names, for machines that cannot download FineWeb.
+
+    python data/synthetic.py                       # data/synthetic: 6 x 100M train tokens + val
+    python data/synthetic.py --train-shards 2 --shard-tokens 20000000 --out /tmp/synth
+
+Then train on them with
+    --train_files 'data/synthetic/fineweb_train_*.bin' --val_files 'data/synthetic/fineweb_val_*.bin'
+
+Documents begin with BOS (50256) and have a FineWeb-like length distribution (log-normal, median
+near 400 tokens, a heavy tail into the thousands). Their tokens are recurring phrases drawn from a
+fixed table with Zipf frequencies, and phrase tokens are Zipf-distributed over the vocabulary, so a
+model learns quickly (the loss falls far below log(vocab)). The output is deterministic for a seed.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+
+MAGIC, VERSION, HEADER_WORDS = 20240520, 1, 256
+BOS_ID, GPT2_VOCAB = 50256, 50257
+NUM_PHRASES, MIN_PHRASE, MAX_PHRASE = 32768, 2, 12
+DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 400, 1.0, 32, 32768
+CHUNK_TOKENS = 1 << 23  # tokens expanded at once: bounds memory to a few hundred MB
+
+
+def write_shard(path, tokens):
+    """Write uint16 tokens with the 256-word int32 header (magic, version, count)."""
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def zipf_probabilities(n, exponent, offset):
+    p = 1.0 / (np.arange(n) + offset) ** exponent
+    return p / p.sum()
+
+
+class PhraseTable:
+    """A fixed set of phrases (token sequences) and how often each is used, from the seed."""
+
+    def __init__(self, seed):
+        rng = np.random.default_rng([seed, 0])
+        non_bos = np.delete(np.arange(GPT2_VOCAB), BOS_ID)
+        token_of_rank = rng.permutation(non_bos).astype(np.uint16)
+        self.lengths = rng.integers(MIN_PHRASE, MAX_PHRASE + 1, NUM_PHRASES)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        ranks = rng.choice(token_of_rank.size, self.lengths.sum(), p=zipf_probabilities(token_of_rank.size, 1.0, 3.0))
+        self.tokens = token_of_rank[ranks]
+        self.phrase_cdf = np.cumsum(zipf_probabilities(NUM_PHRASES, 1.1, 2.0))
+
+    def fill(self, rng, n):
+        """n tokens of concatenated phrases."""
+        out = np.empty(n, dtype=np.uint16)
+        mean_length = self.lengths.mean()
+        pos = 0
+        while pos < n:
+            want = min(CHUNK_TOKENS, n - pos)
+            ids = np.searchsorted(self.phrase_cdf, rng.random(int(want / mean_length * 1.2) + 16), side="right")
+            ids = np.minimum(ids, NUM_PHRASES - 1)
+            lengths = self.lengths[ids]
+            ends = np.cumsum(lengths)
+            keep = np.searchsorted(ends, want) + 1  # phrases needed to cover `want` tokens
+            ids, lengths, ends = ids[:keep], lengths[:keep], ends[:keep]
+            # token k of the chunk lies in phrase j at offset k - (ends[j] - lengths[j])
+            index = np.repeat(self.offsets[ids] - (ends - lengths), lengths) + np.arange(ends[-1])
+            got = min(want, ends[-1])
+            out[pos:pos + got] = self.tokens[index[:got]]
+            pos += got
+        return out
+
+
+def document_starts(rng, n):
+    """Start positions of documents covering n tokens; the first is 0."""
+    lengths = np.empty(0, dtype=np.int64)
+    while lengths.sum() < n:
+        more = rng.lognormal(np.log(DOC_MEDIAN), DOC_SIGMA, n // DOC_MEDIAN + 16)
+        lengths = np.concatenate([lengths, np.clip(more, DOC_MIN, DOC_MAX).astype(np.int64)])
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return starts[starts < n]
+
+
+def make_shard(table, seed, index, n):
+    """Shard `index` (0 = validation) of the stream of a seed: n tokens, documents starting with BOS."""
+    rng = np.random.default_rng([seed, 1, index])
+    tokens = table.fill(rng, n)
+    tokens[document_starts(rng, n)] = BOS_ID
+    return tokens
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic"),
+                        help="output folder (default: data/synthetic)")
+    parser.add_argument("--train-shards", type=int, default=6,
+                        help="number of train shards (default 6: enough for the record's full 1490-step schedule)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per train shard (default 100M)")
+    parser.add_argument("--val-tokens", type=int, default=10_485_761,
+                        help="tokens in the val shard (default 10,485,760 + 1, the record's full validation)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    table = PhraseTable(args.seed)
+    jobs = [("fineweb_val_000000.bin", 0, args.val_tokens)]
+    jobs += [(f"fineweb_train_{i:06d}.bin", i, args.shard_tokens) for i in range(1, args.train_shards + 1)]
+    total, generating = 0, 0.0
+    for name, index, n in jobs:
+        t0 = time.perf_counter()
+        tokens = make_shard(table, args.seed, index, n)
+        generating += time.perf_counter() - t0
+        write_shard(os.path.join(args.out, name), tokens)
+        total += n
+        print(f"wrote {os.path.join(args.out, name)} ({n:,} tokens)")
+    print(f"{total:,} tokens generated at {total / generating / 1e6:.1f}M tokens/s")
+
+
+if __name__ == "__main__":
+    main()
