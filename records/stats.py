@@ -1,0 +1,132 @@
+"""Judge a speedrun record: time and loss statistics of sets of runs, against a baseline.
+
+    python records/stats.py BASELINE_DIR [DIR ...] [--target 3.28]
+
+Each DIR holds the .txt logs of one set of runs as train_gpt.py writes them; the first is the
+baseline. From each log the final validation line (`step:N/N val_loss:X train_time:Tms ...`) is
+read. For each set one row: runs, steps, mean and sample standard deviation of the training time
+(seconds) and of the final loss, their differences to the baseline, and p, the one-sided
+one-sample t-test p-value that the true mean loss is below the target (a record needs p < 0.01).
+"""
+import argparse
+import glob
+import math
+import os
+import re
+import statistics
+import sys
+
+FINAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:(\d+)ms")
+
+
+class StatsError(Exception):
+    pass
+
+
+def _beta_continued_fraction(a, b, x, max_terms=300, eps=1e-15):
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    result = d
+    for m in range(1, max_terms + 1):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            result *= c * d
+        if abs(c * d - 1.0) < eps:
+            break
+    return result
+
+
+def regularized_incomplete_beta(a, b, x):
+    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def student_t_cdf(t, df):
+    """P(T <= t) for Student's t distribution with df degrees of freedom."""
+    tail = 0.5 * regularized_incomplete_beta(df / 2, 0.5, df / (df + t * t))
+    return tail if t < 0 else 1.0 - tail
+
+
+def p_below(values, target):
+    """One-sided one-sample t-test p-value for H1: the true mean is below target."""
+    n = len(values)
+    std = statistics.stdev(values)
+    if std == 0:
+        return 0.0 if statistics.mean(values) < target else 1.0
+    return student_t_cdf((statistics.mean(values) - target) / (std / math.sqrt(n)), n - 1)
+
+
+def read_final(log_path):
+    """(steps, val_loss, train_seconds) of the log's final validation line."""
+    with open(log_path, errors="replace") as f:
+        finals = [m for m in FINAL_LINE.finditer(f.read()) if m.group(1) == m.group(2)]
+    if not finals:
+        raise StatsError(f"{log_path} has no final validation line (step:N/N val_loss:X train_time:Tms): "
+                         "the run did not finish")
+    steps, _, loss, time_ms = finals[-1].groups()
+    return int(steps), float(loss), int(time_ms) / 1000
+
+
+def read_set(directory):
+    if not os.path.isdir(directory):
+        raise StatsError(f"{directory} is not a directory")
+    logs = sorted(glob.glob(os.path.join(directory, "*.txt")))
+    if len(logs) < 2:
+        raise StatsError(f"{directory} holds {len(logs)} run log(s) (*.txt); statistics need at least 2 runs")
+    runs = [read_final(path) for path in logs]
+    return {
+        "name": os.path.basename(os.path.normpath(directory)),
+        "steps": sorted({r[0] for r in runs}),
+        "losses": [r[1] for r in runs],
+        "times": [r[2] for r in runs],
+    }
+
+
+def report(sets, target):
+    base_time, base_loss = statistics.mean(sets[0]["times"]), statistics.mean(sets[0]["losses"])
+    width = max(12, *(len(s["name"]) for s in sets))
+    lines = [f"{'':<{width}}{'Runs':>6}{'Steps':>7}{'Time μ':>10}{'Time σ':>9}{'Time +/-':>10}"
+             f"{'Loss μ':>9}{'Loss σ':>9}{'Loss +/-':>10}{'p':>9}"]
+    for s in sets:
+        time_mean, loss_mean = statistics.mean(s["times"]), statistics.mean(s["losses"])
+        lines.append(
+            f"{s['name']:<{width}}{len(s['times']):>6}{'/'.join(map(str, s['steps'])):>7}"
+            f"{time_mean:>10.4f}{statistics.stdev(s['times']):>9.4f}{time_mean - base_time:>10.4f}"
+            f"{loss_mean:>9.4f}{statistics.stdev(s['losses']):>9.4f}{loss_mean - base_loss:>10.4f}"
+            f"{p_below(s['losses'], target):>9.4f}")
+    for s in sets:
+        lines += ["", f"{s['name']}:",
+                  f"  losses = [{', '.join(f'{x:.4f}' for x in s['losses'])}]",
+                  f"  times  = [{', '.join(f'{x:.4f}' for x in s['times'])}]"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders of run logs; the first is the baseline")
+    parser.add_argument("--target", type=float, default=3.28, help="validation loss to beat (default 3.28)")
+    args = parser.parse_args(argv)
+    try:
+        sets = [read_set(d) for d in args.dirs]
+    except StatsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report(sets, args.target))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

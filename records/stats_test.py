@@ -1,0 +1,76 @@
+"""Tests of records/stats.py: the t distribution against tabulated values, the table, the errors."""
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stats  # noqa: E402
+
+
+@pytest.mark.parametrize("t,df,upper_tail", [
+    (2.353, 3, 0.05), (4.541, 3, 0.01), (6.314, 1, 0.05), (1.812, 10, 0.05), (2.764, 10, 0.01),
+    (1.697, 30, 0.05), (3.365, 5, 0.01), (1.533, 4, 0.10), (2.132, 4, 0.05)])
+def test_t_distribution_matches_tables(t, df, upper_tail):
+    # the tables round t to 3 decimals: that moves p by well under 1%
+    assert stats.student_t_cdf(-t, df) == pytest.approx(upper_tail, rel=5e-3)
+    assert stats.student_t_cdf(t, df) == pytest.approx(1 - upper_tail, rel=5e-3)
+
+
+@pytest.mark.parametrize("t", [-30.0, -3.0, -0.5, 0.0, 0.7, 12.0])
+def test_t_distribution_closed_forms(t):
+    assert stats.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+    assert stats.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    normal = 0.5 * (1 + math.erf(t / math.sqrt(2)))
+    assert stats.student_t_cdf(t, 1e7) == pytest.approx(normal, abs=1e-6)
+
+
+def write_logs(directory, runs, steps=1490):
+    os.makedirs(directory, exist_ok=True)
+    for i, (loss, seconds) in enumerate(runs):
+        with open(os.path.join(directory, f"run{i}.txt"), "w") as f:
+            f.write("import torch  # the script's source comes first\n")
+            f.write(f"step:250/{steps} val_loss:4.1234 train_time:12345ms step_avg:49.38ms\n")
+            f.write(f"step:{steps}/{steps} val_loss:{loss} train_time:{round(seconds * 1000)}ms step_avg:59.6ms\n")
+            f.write("peak memory allocated: 30000 MiB reserved: 31000 MiB\n")
+
+
+def test_table_of_the_record(tmp_path, capsys):
+    """The record's own runs (SPEC §0): 88.83 s, loss 3.2788, p = 0.0097 against 89.80 s, p = 0.0601."""
+    write_logs(tmp_path / "Baseline", [(3.2764, 89.803), (3.2799, 89.711), (3.2773, 89.835), (3.2793, 89.849)])
+    write_logs(tmp_path / "ThisPR", [(3.2783, 88.821), (3.2789, 88.809), (3.2795, 88.806), (3.2786, 88.900)])
+    assert stats.main([str(tmp_path / "Baseline"), str(tmp_path / "ThisPR")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["Baseline", "4", "1490", "89.7995", "0.0621", "0.0000", "3.2782", "0.0016",
+                                "0.0000", "0.0601"]
+    assert lines[2].split() == ["ThisPR", "4", "1490", "88.8340", "0.0445", "-0.9655", "3.2788", "0.0005",
+                                "0.0006", "0.0097"]
+    assert "  losses = [3.2783, 3.2789, 3.2795, 3.2786]" in lines
+    assert "  times  = [88.8210, 88.8090, 88.8060, 88.9000]" in lines
+
+
+def test_target_option(tmp_path, capsys):
+    write_logs(tmp_path / "a", [(3.30, 100.0), (3.31, 101.0), (3.32, 99.0)])
+    assert stats.main([str(tmp_path / "a"), "--target", "3.35"]) == 0
+    assert float(capsys.readouterr().out.splitlines()[1].split()[-1]) < 0.05
+
+
+def test_missing_directory(tmp_path, capsys):
+    assert stats.main([str(tmp_path / "nope")]) == 1
+    assert "nope is not a directory" in capsys.readouterr().err
+
+
+def test_set_with_one_run(tmp_path, capsys):
+    write_logs(tmp_path / "single", [(3.27, 90.0)])
+    assert stats.main([str(tmp_path / "single")]) == 1
+    assert "single holds 1 run log(s)" in capsys.readouterr().err
+
+
+def test_log_without_final_validation(tmp_path, capsys):
+    write_logs(tmp_path / "s", [(3.27, 90.0), (3.28, 91.0)])
+    with open(tmp_path / "s" / "run1.txt", "w") as f:
+        f.write("step:250/1490 val_loss:4.1234 train_time:12345ms step_avg:49.38ms\nstep:251/1490 train_time:1ms\n")
+    assert stats.main([str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert "run1.txt has no final validation line" in err and "Traceback" not in err
