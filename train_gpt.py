@@ -8,11 +8,20 @@ import concurrent.futures
 import glob
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import nn
+
+try:  # FlashAttention 3: faster on Hopper, never required
+    from flash_attn_interface import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -80,16 +89,16 @@ def max_num_docs(local_tokens):
     return 128 * max(1, -(-(local_tokens // 300) // 128))
 
 
-def bigram_hash(x):
+def bigram_hash(x, bigram_vocab_size=BIGRAM_VOCAB_SIZE):
     """h[0] = B - 1; h[i] = (36313 x[i] XOR 27191 p[i-1]) mod (B - 1) with p = x, p[0] = B - 1, int32
     wrap-around products and a floor modulo (B = bigram vocab). x: int32 numpy array."""
     prev = x[:-1].copy()
     if prev.size:
-        prev[0] = BIGRAM_VOCAB_SIZE - 1
+        prev[0] = bigram_vocab_size - 1
     h = np.empty_like(x)
-    h[0] = BIGRAM_VOCAB_SIZE - 1
+    h[0] = bigram_vocab_size - 1
     mixed = np.bitwise_xor(x[1:] * np.int32(36313), prev * np.int32(27191))
-    h[1:] = np.mod(mixed, BIGRAM_VOCAB_SIZE - 1)
+    h[1:] = np.mod(mixed, bigram_vocab_size - 1)
     return h
 
 
@@ -619,3 +628,549 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
 
 
 compiled_nesterov_polar_express = torch.compile(nesterov_polar_express, dynamic=False, fullgraph=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+#
+# 11 layers. Layers 0-5 have one residual lane, layer 6 is MLP-only, layers 7-10 keep two lanes
+# (attention writes to both, the MLP reads lane 1). Paired-head layers attend over head pairs
+# at doubled sequence positions; long-window layers see further and shift half of each key.
+
+PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
+LONG_WINDOW_LAYERS = (3, 10)
+MLP_ONLY_LAYER = 6
+SKIP_LAYER = 3  # lane 0 after this layer's attention is added back before layer 6
+TWO_LANE_LAYER = 7  # first two-lane layer; lane 0 at its end is the backout
+VALUE_EMBED_LAYERS = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}  # layer -> value-embedding table and gate
+NUM_LAYERS, NUM_VALUE_EMBEDS, GATE_DIM = 11, 5, 12
+# scalars: an (attention in, attention out) lambda pair per layer, then these three
+SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotate(x, cos, sin):
+    """Rotate adjacent pairs: out[2i] = cos x[2i] + sin x[2i+1], out[2i+1] = cos x[2i+1] - sin x[2i]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    swapped = torch.stack((pairs[..., 1], -pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + swapped * sin
+
+
+class Rotary:
+    """Half-truncated RoPE (head_dim / 4 frequencies, each on two dims; the other half of the dims
+    is stationary) with YaRN stretching, over positions of the packed micro-batch.
+
+    Two tables: plain (position t) and paired (position 2t in the first head_dim columns, 2t + 1
+    in the rest, for a pair of heads rotated together)."""
+
+    def __init__(self, head_dim, max_len, device):
+        self.head_dim, self.max_len = head_dim, max_len
+        self.base_freqs = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float32, device=device)
+        shape = (max_len, 1, head_dim)
+        self.cos, self.sin = (torch.empty(shape, dtype=torch.bfloat16, device=device) for _ in range(2))
+        self.paired_cos, self.paired_sin = (torch.empty((max_len, 1, 2 * head_dim), dtype=torch.bfloat16,
+                                                        device=device) for _ in range(2))
+        self.reset()
+
+    def reset(self):
+        self.freqs = torch.cat([self.base_freqs.repeat_interleave(2), self.base_freqs.new_zeros(self.head_dim // 2)])
+        self.attn_scale = 0.1
+        self._build()
+
+    def _build(self):
+        # tables are rewritten in place so that compiled graphs keep reading the same tensors
+        angles = torch.arange(2 * self.max_len, dtype=torch.float32, device=self.freqs.device)[:, None] * self.freqs
+        cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+        self.cos.copy_(cos[:self.max_len, None])
+        self.sin.copy_(sin[:self.max_len, None])
+        self.paired_cos.copy_(cos.view(self.max_len, 1, 2 * self.head_dim))
+        self.paired_sin.copy_(sin.view(self.max_len, 1, 2 * self.head_dim))
+
+    def yarn(self, old_window, new_window):
+        """Stretch the slow frequencies for a long window growing from old_window to new_window tokens."""
+        rotations = old_window * self.freqs / (2 * math.pi)
+        scale = old_window / new_window
+        ramp = ((rotations - 1) / (32 - 1)).clamp(0, 1)
+        self.freqs = self.freqs * (scale + ramp * (1 - scale))
+        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
+        self._build()
+
+
+def reference_attention(q, k, v, cu_seqlens, window, scale):
+    """Causal attention within documents; the query at position i sees keys i - window .. i of its own
+    document. q, k, v: (T, heads, head_dim). Plain PyTorch with an explicit mask (CPU and tests)."""
+    positions = torch.arange(q.size(0), device=q.device)
+    doc = torch.searchsorted(cu_seqlens, positions, right=True)
+    offset = positions[:, None] - positions[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+def attention(q, k, v, cu_seqlens, max_seq_len, window, scale):
+    """reference_attention's semantics through FlashAttention 3 if installed, else PyTorch's varlen
+    flash attention on CUDA, else the reference."""
+    if not q.is_cuda:
+        return reference_attention(q, k, v, cu_seqlens, window, scale)
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len,
+                                      softmax_scale=scale, causal=True, window_size=(window, 0))
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len, scale=scale,
+                       window_size=(window, 0))
+
+
+def mlp(x, c_fc, c_proj):
+    """relu(x @ c_fc^T)^2 @ c_proj: the fused kernel on CUDA, plain PyTorch elsewhere."""
+    if x.is_cuda:
+        return ReLUSquareMLP.apply(x, c_fc, c_proj)
+    return F.relu(x @ c_fc.mT).square() @ c_proj
+
+
+def softcap(logits):
+    return SOFTCAP * torch.sigmoid((logits.float() + SOFTCAP_SHIFT) / SOFTCAP_DIVISOR)
+
+
+def reference_mtp_losses(logits, targets, mtp_weights):
+    """Per-row softcapped multi-token losses in fp32: sum_k w_k (lse(z_r) - z_r[target[r + k]])."""
+    z = softcap(logits)
+    lse = torch.logsumexp(z, dim=-1)
+    losses = torch.zeros_like(lse)
+    for k, w in enumerate(mtp_weights.unbind(0)):
+        rows = z.size(0) - k
+        picked = z[:rows].gather(1, targets[k:, None]).squeeze(1)
+        losses = losses + F.pad(w * (lse[:rows] - picked), (0, k))
+    return losses
+
+
+def training_loss(x, lm_head, targets, mtp_weights, grad_scale):
+    """Sum over rows of the multi-token loss: FP8 logits and kernels on CUDA, fp32 reference elsewhere."""
+    if x.is_cuda:
+        return FP8SoftcapMTPLoss.apply(x, lm_head, targets, mtp_weights, grad_scale)
+    return reference_mtp_losses(x @ lm_head, targets, mtp_weights).sum()
+
+
+def eval_loss(x, lm_head, targets, chunk_rows=32768):
+    """Mean softcapped cross-entropy of bf16 logits, fp32 math, in row chunks to bound memory."""
+    one = torch.ones(1, device=x.device)
+    losses = []
+    for rows in range(0, x.size(0), chunk_rows):
+        logits, chunk_targets = x[rows:rows + chunk_rows] @ lm_head, targets[rows:rows + chunk_rows]
+        losses.append(softcap_ce_forward(logits, chunk_targets, one)[0] if x.is_cuda
+                      else reference_mtp_losses(logits, chunk_targets, one))
+    return torch.cat(losses).mean()
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size=VOCAB_SIZE, num_heads=6, head_dim=128, model_dim=768, max_len=262144,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__()
+        d, hidden = model_dim, 4 * model_dim
+        self.num_heads, self.head_dim, self.vocab_size = num_heads, head_dim, vocab_size
+        self.bigram_vocab_size = 5 * vocab_size
+        bound = math.sqrt(3) * 0.5 * d ** -0.5
+        kw = dict(dtype=dtype, device=device)
+
+        def param(tensor):
+            return nn.Parameter(tensor)
+
+        self.lm_head = param(torch.empty(d, vocab_size, **kw).normal_(0, 0.005))  # stored (in, out)
+        self.embed = param(self.lm_head.detach().T.clone())  # tied to lm_head until the split step
+        self.value_embeds = param(0.01 * torch.randn(NUM_VALUE_EMBEDS * vocab_size, d, **kw))
+        self.bigram_embed = param(torch.zeros(self.bigram_vocab_size, d, **kw))
+        # attention bank: per layer with attention, rows [Q; K; V; O] of (d, d) each
+        self.attn_bank = param(torch.empty(NUM_LAYERS - 1, 4 * d, d, **kw).uniform_(-bound, bound))
+        # MLP bank: [layer, c_fc / c_proj]; layer 11 pads 24 matrices to split over 8 ranks
+        mlp_bank = torch.zeros(NUM_LAYERS + 1, 2, hidden, d, **kw)
+        mlp_bank[:, 0].uniform_(-bound, bound)
+        self.mlp_bank = param(mlp_bank)
+        self.attn_gate_bank = param(torch.zeros(NUM_LAYERS - 1, num_heads, GATE_DIM, **kw))
+        self.ve_gate_bank = param(torch.zeros(NUM_VALUE_EMBEDS, num_heads, GATE_DIM, **kw))
+        self.smear_gate = param(torch.zeros(1, GATE_DIM, **kw))
+        self.skip_gate = param(torch.zeros(1, GATE_DIM, **kw))
+        f32 = dict(dtype=torch.float32, device=device)
+        post = torch.ones(NUM_LAYERS, 2, 2, **f32)  # [layer, attention / MLP, lane 0 / lane 1]
+        post[TWO_LANE_LAYER:, 0, 1] = 1.5
+        self.post_lambdas = param(post)
+        self.x0_lambdas = param(torch.zeros(NUM_LAYERS, **f32))
+        self.bigram_lambdas = param(torch.full((NUM_LAYERS,), 0.05, **f32))
+        self.resid_lambdas = param(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        scalars = torch.ones(2 * NUM_LAYERS + 3 + (-(2 * NUM_LAYERS + 3)) % world_size, **f32)
+        scalars[:2 * NUM_LAYERS:2] = 0.5
+        scalars[SMEAR_LAMBDA], scalars[BACKOUT_LAMBDA], scalars[SKIP_LAMBDA] = 0.0, 0.5, -1.5
+        self.scalars = param(scalars)
+        self.rotary = Rotary(head_dim, max_len, device)
+
+    def attn(self, i, x, W, sa, ve, ve_gate, attn_gate, cu_seqlens, max_seq_len, window):
+        T, h, hd = x.size(0), self.num_heads, self.head_dim
+        d = h * hd
+        q, k, v = (x @ (sa[0] * W[:3 * d]).mT).view(T, 3, h, hd).unbind(1)
+        q, k = norm(q), norm(k)
+        rot = self.rotary
+        if i in PAIRED_HEAD_LAYERS:
+            # heads 2g and 2g+1 rotate together at positions (2t, 2t + 1) ...
+            q = rotate(q.reshape(T, h // 2, 2 * hd), rot.paired_cos[:T], rot.paired_sin[:T]).view(T, h, hd)
+            k = rotate(k.reshape(T, h // 2, 2 * hd), rot.paired_cos[:T], rot.paired_sin[:T]).view(T, h, hd)
+            if ve is not None:
+                v = v + (2 * torch.sigmoid(x[:, :GATE_DIM] @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
+            # ... then token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
+            q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
+            y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, rot.attn_scale).reshape(T, h, hd)
+        else:
+            q, k = rotate(q, rot.cos[:T], rot.sin[:T]), rotate(k, rot.cos[:T], rot.sin[:T])
+            if i in LONG_WINDOW_LAYERS:  # partial key offset: the stationary half comes from the previous token
+                k = torch.cat([k[:, :, :hd // 2], torch.cat([k[:1, :, hd // 2:], k[:-1, :, hd // 2:]])], dim=-1)
+            if ve is not None:
+                gate_in = torch.cat([x[:, :GATE_DIM // 2], ve[:, :GATE_DIM // 2]], dim=-1)
+                v = v + (2 * torch.sigmoid(gate_in @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
+            y = attention(q, k, v, cu_seqlens, max_seq_len, window, rot.attn_scale)
+        y = y * torch.sigmoid(x[:, :GATE_DIM] @ attn_gate.mT)[..., None]
+        return y.reshape(T, d) @ (sa[1] * W[3 * d:]).mT
+
+    def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None,
+                grad_scale=1.0):
+        """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
+        windows: (short, long) in 128-token blocks."""
+        dt = self.embed.dtype
+        short, long = (128 * w for w in windows)
+        scalars = self.scalars
+        attn_banks = self.attn_bank.unbind(0)
+        mlp_banks = [pair.unbind(0) for pair in self.mlp_bank.unbind(0)]
+        attn_gates, ve_gates = self.attn_gate_bank.unbind(0), self.ve_gate_bank.unbind(0)
+        ra, rm = (t.unbind(0) for t in self.resid_lambdas.to(dt).unbind(1))
+        post = [p.flatten().unbind(0) for p in self.post_lambdas.to(dt).unbind(0)]  # (a0, a1, m0, m1)
+        x0_l, bigram_l = self.x0_lambdas.to(dt).unbind(0), self.bigram_lambdas.to(dt).unbind(0)
+
+        e = F.embedding(inputs, self.embed)
+        smear = scalars[SMEAR_LAMBDA] * torch.sigmoid(e[1:, :GATE_DIM] @ self.smear_gate.mT)
+        e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
+        x0 = norm(e)
+        bigram = F.embedding(bigram_hash, self.bigram_embed)
+        ve_tables = self.value_embeds.view(NUM_VALUE_EMBEDS, self.vocab_size, -1).unbind(0)
+        ves = [F.embedding(inputs, table) for table in ve_tables]
+        lane0, lane1 = x0 + bigram_l[0] * bigram, None
+        for i in range(NUM_LAYERS):
+            c_fc, c_proj = mlp_banks[i]
+            if i == MLP_ONLY_LAYER:
+                gate = torch.sigmoid(scalars[SKIP_LAMBDA]) * 2 * torch.sigmoid(x0[:, :GATE_DIM] @ self.skip_gate.mT)
+                lane0 = lane0 + gate * skip
+                lane0 = rm[i] * lane0 + post[i][2] * mlp(norm(lane0), c_fc, c_proj)
+                continue
+            bank = i - (i > MLP_ONLY_LAYER)
+            inject = x0_l[i] * x0 if i == 0 else x0_l[i] * x0 + bigram_l[i] * bigram
+            table = VALUE_EMBED_LAYERS.get(i)
+            a = self.attn(i, norm(lane0), attn_banks[bank], (scalars[2 * i], scalars[2 * i + 1]),
+                          None if table is None else ves[table], None if table is None else ve_gates[table],
+                          attn_gates[bank], cu_seqlens, max_seq_len, long if i in LONG_WINDOW_LAYERS else short)
+            if i < TWO_LANE_LAYER:
+                lane0 = ra[i] * lane0 + a + inject
+                if i == SKIP_LAYER:
+                    skip = lane0
+                lane0 = rm[i] * lane0 + post[i][2] * mlp(norm(lane0), c_fc, c_proj)
+            else:
+                if i == TWO_LANE_LAYER:
+                    lane1 = lane0
+                lane0 = ra[i] * lane0 + post[i][0] * a + inject
+                lane1 = ra[i] * lane1 + post[i][1] * a
+                m = mlp(norm(lane1), c_fc, c_proj)
+                lane0 = rm[i] * lane0 + post[i][2] * m
+                lane1 = rm[i] * lane1 + post[i][3] * m
+                if i == TWO_LANE_LAYER:
+                    backout = lane0
+        x = norm((lane0 + lane1) / 2 - scalars[BACKOUT_LAMBDA] * backout)
+        if mtp_weights is None:
+            return eval_loss(x, self.lm_head, targets)
+        return training_loss(x, self.lm_head, targets, mtp_weights, grad_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: one object for all parameters. NorMuon (Nesterov momentum, Polar Express,
+# variance reduction, cautious weight decay) for the attention and MLP banks; Adam with cautious
+# weight decay, updated on odd steps only, for everything else.
+#
+# Gradients are SUMMED across ranks: the 1/world factor is folded into the loss scale (1/8 for
+# every world size), so NCCL and gloo run the same code and every world size the same math.
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    label: str
+    attr: str  # the GPT attribute
+    optim: str  # "normuon" or "adam"
+    comms: str  # "replicated", "sharded" or "sharded_sparse"
+    betas: tuple = (0.9, 0.99)
+    lr_mul: float = 1.0
+    wd_mul: float = 1.0
+
+
+# In "scatter order": reductions are launched in this order.
+PARAM_GROUPS = (
+    ParamGroup("attn", "attn_bank", "normuon", "sharded"),
+    ParamGroup("mlp", "mlp_bank", "normuon", "sharded"),
+    ParamGroup("scalars", "scalars", "adam", "replicated", (0.9, 0.99), 5, 0),
+    ParamGroup("smear_gate", "smear_gate", "adam", "replicated", (0.9, 0.99), 0.01, 0),
+    ParamGroup("skip_gate", "skip_gate", "adam", "replicated", (0.9, 0.99), 0.05, 0),
+    ParamGroup("attn_gate_bank", "attn_gate_bank", "adam", "replicated", (0.9, 0.99), 1, 1),
+    ParamGroup("ve_gate_bank", "ve_gate_bank", "adam", "replicated", (0.9, 0.99), 1, 1),
+    ParamGroup("lm_head", "lm_head", "adam", "sharded", (0.5, 0.95), 1, 150),
+    ParamGroup("bigram_embed", "bigram_embed", "adam", "sharded_sparse", (0.75, 0.95), 75, 5),
+    ParamGroup("post_lambdas", "post_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
+    ParamGroup("x0_lambdas", "x0_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
+    ParamGroup("bigram_lambdas", "bigram_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
+    ParamGroup("resid_lambdas", "resid_lambdas", "adam", "replicated", (0.9, 0.95), 5, 0),
+    ParamGroup("value_embed", "value_embeds", "adam", "sharded", (0.75, 0.95), 75, 5),
+    ParamGroup("embed", "embed", "adam", "sharded", (0.5, 0.95), 1, 150),
+)
+# Updates are done in "work order", each waiting only for its own reduction.
+WORK_ORDER = ("scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas", "x0_lambdas",
+              "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp")
+
+
+def adam_update(p, grad, exp_avg, exp_avg_sq, count, lr, decay, beta1, beta2, eps):
+    """Adam with bias correction and cautious weight decay (only where the update and the weight
+    agree in sign); p is updated in place in its own dtype. count, lr, decay: 0-d CPU tensors."""
+    grad = grad.float()
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    update = exp_avg / (exp_avg_sq.sqrt() + eps) * (lr * (1 - beta2 ** count).sqrt() / (1 - beta1 ** count))
+    weight = p.float()
+    update = update + decay * weight * (update * weight > 0)
+    p.copy_(weight - update)
+
+
+def normuon_variance_reduction(X, v2, beta2):
+    """Scale X by 1/sqrt(running mean of X^2) along its larger dim (v2, in place), keeping ||X||_F."""
+    X = X.float()
+    reduce_dim = -1 if X.size(-2) >= X.size(-1) else -2
+    size = X.size(reduce_dim)
+    mean_sq = X.square().mean(reduce_dim, keepdim=True)
+    norm_before = (mean_sq.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+    v2.lerp_(mean_sq, 1 - beta2)
+    scale = v2.clamp_min(1e-10).rsqrt()
+    norm_after = (mean_sq * size * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return X * scale * (norm_before / norm_after.clamp_min(1e-10))
+
+
+def normuon_apply(p, mantissa, X, lr, decay):
+    """p <- p - decay * lr * p * [X p >= 0] - lr * X. lr: per matrix (B, 1, 1); decay: 0-d.
+    A bf16 p is extended by the uint16 mantissa (its lost lower 16 bits) to an exact fp32 weight."""
+    if mantissa is None:
+        weight = p.float()
+    else:
+        weight = ((p.view(torch.int16).to(torch.int32) << 16) | mantissa.to(torch.int32)).view(torch.float32)
+    weight = weight - weight * ((X * weight) >= 0) * (decay * lr) - X * lr
+    if mantissa is None:
+        p.copy_(weight)
+    else:
+        bits = weight.view(torch.int32)
+        p.view(torch.int16).copy_((bits >> 16).to(torch.int16))
+        mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
+
+
+compiled_adam_update = torch.compile(adam_update, dynamic=False, fullgraph=True)
+compiled_normuon_variance_reduction = torch.compile(normuon_variance_reduction, dynamic=False, fullgraph=True)
+compiled_normuon_apply = torch.compile(normuon_apply, dynamic=False, fullgraph=True)
+
+
+class NorMuonAdam:
+    """Optimizer of every GPT parameter, configured by PARAM_GROUPS. step() reduces gradients
+    across ranks (explicitly, in scatter order), updates in work order and gathers shards back."""
+
+    def __init__(self, model, rank=0, world_size=1, sparse_bigram=False, adam_lr=0.008, adam_eps=1e-10,
+                 adam_weight_decay=0.005, muon_lr=0.023, muon_beta2=0.95, muon_weight_decay=1.2):
+        self.model, self.rank, self.world_size = model, rank, world_size
+        self.sparse_bigram = sparse_bigram and world_size > 1
+        self.adam_lr, self.adam_eps, self.adam_weight_decay = adam_lr, adam_eps, adam_weight_decay
+        self.muon_lr, self.muon_beta2, self.muon_weight_decay = muon_lr, muon_beta2, muon_weight_decay
+        cuda = model.embed.is_cuda
+        self._adam = compiled_adam_update if cuda else adam_update
+        self._variance_reduction = compiled_normuon_variance_reduction if cuda else normuon_variance_reduction
+        self._apply = compiled_normuon_apply if cuda else normuon_apply
+        self._polar_express = compiled_nesterov_polar_express if cuda else nesterov_polar_express
+        self._compute_dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter has no bf16
+        # changing scalars enter compiled code as 0-d CPU tensors, so new values do not recompile
+        self._lr, self._decay, self._momentum = torch.zeros(()), torch.zeros(()), torch.zeros(())
+        self.groups = {g.label: g for g in PARAM_GROUPS}
+        self.params = {g.label: getattr(model, g.attr) for g in PARAM_GROUPS}
+        self.state = {label: self._init_state(self.groups[label], p) for label, p in self.params.items()}
+        self.tied = True  # embed is lm_head^T until the split step
+        self._bigram_rows = []
+        self._bigram_exchange = None
+
+    # --- views and state ---
+
+    def _view(self, label):
+        """The tensor that is sharded along dim 0: banks as stacks of matrices."""
+        p = self.params[label]
+        if label == "attn":
+            return p.view(-1, p.size(-1), p.size(-1))
+        if label == "mlp":
+            return p.view(-1, *p.shape[-2:])
+        return p
+
+    def _chunk(self, label, tensor):
+        """This rank's rows of a sharded tensor (all of it when replicated or alone)."""
+        if self.world_size == 1 or self.groups[label].comms == "replicated":
+            return tensor
+        rows = tensor.size(0) // self.world_size
+        return tensor[self.rank * rows:(self.rank + 1) * rows]
+
+    def _init_state(self, group, p):
+        chunk = self._chunk(group.label, self._view(group.label))
+        if group.optim == "adam":
+            return {"exp_avg": torch.zeros_like(chunk, dtype=torch.float32),
+                    "exp_avg_sq": torch.zeros_like(chunk, dtype=torch.float32), "count": torch.zeros(())}
+        rows, cols = chunk.shape[-2:]
+        lr_scale = torch.full((chunk.size(0), 1, 1), group.lr_mul * max(1.0, rows / cols) ** 0.5,
+                              device=chunk.device)
+        if group.label == "mlp":  # c_proj matrices (odd indices of the bank view) learn twice as fast
+            first = self.rank * chunk.size(0) if self.world_size > 1 else 0
+            lr_scale[(torch.arange(chunk.size(0)) + first) % 2 == 1] *= 2
+        v2_shape = (chunk.size(0), rows, 1) if rows >= cols else (chunk.size(0), 1, cols)
+        return {"momentum_buffer": torch.zeros_like(chunk, dtype=torch.float32),
+                "v2": torch.zeros(v2_shape, dtype=torch.float32, device=chunk.device),
+                "mantissa": torch.zeros_like(chunk, dtype=torch.uint16) if chunk.dtype == torch.bfloat16 else None,
+                "lr_scale": lr_scale}
+
+    def state_dict(self):
+        return {"tied": self.tied,
+                "state": {label: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                          for label, s in self.state.items()}}
+
+    def load_state_dict(self, state_dict):
+        self.tied = state_dict["tied"]
+        for label, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if torch.is_tensor(value):
+                    self.state[label][key].copy_(value)
+        self._bigram_rows, self._bigram_exchange = [], None
+
+    # --- sparse bigram exchange ---
+
+    def add_bigram_rows(self, bigram_hash):
+        """Host-side hashes of a micro-batch of this rank: the bigram_embed rows its gradient touches."""
+        if self.sparse_bigram:
+            self._bigram_rows.append(np.asarray(bigram_hash))
+
+    def prepare_bigram_exchange(self):
+        """Exchange which touched rows go to which owner (counts, then indices) ahead of the
+        gradients, e.g. while the forward pass runs. Called by step() if not called before."""
+        device = self.params["bigram_embed"].device
+        rows_per_rank = self.params["bigram_embed"].size(0) // self.world_size
+        rows = np.unique(np.concatenate(self._bigram_rows)) if self._bigram_rows else np.zeros(0, np.int64)
+        self._bigram_rows = []
+        rows = rows[rows // rows_per_rank != self.rank]  # sorted, so grouped by owner
+        send_counts = np.bincount(rows // rows_per_rank, minlength=self.world_size)
+        send_counts_gpu = torch.from_numpy(send_counts).to(device)
+        recv_counts = torch.empty_like(send_counts_gpu)
+        dist.all_to_all_single(recv_counts, send_counts_gpu)
+        send_rows = torch.from_numpy(rows.astype(np.int64)).to(device)
+        recv_counts = recv_counts.tolist()
+        recv_rows = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
+        work = dist.all_to_all_single(recv_rows, send_rows, recv_counts, send_counts.tolist(), async_op=True)
+        self._bigram_exchange = (send_rows, send_counts.tolist(), recv_rows, recv_counts, work)
+
+    def _launch_sparse_bigram(self, grad):
+        if self._bigram_exchange is None:
+            self.prepare_bigram_exchange()
+        send_rows, send_counts, recv_rows, recv_counts, rows_work = self._bigram_exchange
+        self._bigram_exchange = None
+        recv_values = grad.new_empty(len(recv_rows), grad.size(1))
+        values_work = dist.all_to_all_single(recv_values, grad[send_rows], recv_counts, send_counts, async_op=True)
+        chunk = self._chunk("bigram_embed", grad)
+
+        def finish():
+            rows_work.wait()
+            values_work.wait()
+            return chunk.index_add_(0, recv_rows - self.rank * chunk.size(0), recv_values)
+        return finish
+
+    # --- the step ---
+
+    def _launch_reduction(self, label):
+        """Start reducing a gradient; returns a function that waits and gives this rank's chunk."""
+        grad = self.params[label].grad.view_as(self._view(label))
+        comms = self.groups[label].comms
+        if self.world_size == 1:
+            return lambda: grad
+        if comms == "replicated":
+            work = dist.all_reduce(grad, async_op=True)
+            return lambda: (work.wait(), grad)[1]
+        if comms == "sharded_sparse" and self.sparse_bigram:
+            return self._launch_sparse_bigram(grad)
+        chunk = grad.new_empty(self._chunk(label, grad).shape)
+        work = dist.reduce_scatter_tensor(chunk, grad, async_op=True)
+        return lambda: (work.wait(), chunk)[1]
+
+    def _update(self, label, grad_chunk, lr_multiplier, momentum):
+        group, state = self.groups[label], self.state[label]
+        p_chunk = self._chunk(label, self._view(label)).detach()
+        if group.optim == "adam":
+            lr = self.adam_lr * lr_multiplier * group.lr_mul
+            state["count"] += 1
+            self._lr.fill_(lr)
+            self._decay.fill_(lr * lr * self.adam_weight_decay * group.wd_mul)
+            self._adam(p_chunk, grad_chunk, state["exp_avg"], state["exp_avg_sq"], state["count"], self._lr,
+                       self._decay, group.betas[0], group.betas[1], self.adam_eps)
+            return
+        lr = self.muon_lr * lr_multiplier
+        self._momentum.fill_(momentum)
+        self._lr.fill_(lr)
+        self._decay.fill_(self.muon_weight_decay * group.wd_mul * lr)
+        X = self._polar_express(grad_chunk.float(), state["momentum_buffer"], self._momentum,
+                                compute_dtype=self._compute_dtype)
+        X = self._variance_reduction(X, state["v2"], self.muon_beta2)
+        self._apply(p_chunk, state["mantissa"], X, self._lr * state["lr_scale"], self._decay)
+
+    def _launch_gather(self, label):
+        if self.world_size == 1 or self.groups[label].comms == "replicated":
+            return None
+        view = self._view(label).detach()
+        return dist.all_gather_into_tensor(view, self._chunk(label, view).clone(), async_op=True)
+
+    @torch.no_grad()
+    def step(self, lr_multiplier, momentum, adam_step):
+        """One update: NorMuon parameters always, Adam parameters only when adam_step (their
+        gradients otherwise keep accumulating). Clears the gradients it consumed."""
+        active = [g.label for g in PARAM_GROUPS if g.optim == "normuon" or adam_step]
+        if self.tied and adam_step:
+            active.remove("embed")
+        reductions = {}
+        for label in active:  # scatter order
+            if label == "lm_head" and self.tied:
+                transpose_add(self.params["embed"].grad, self.params["lm_head"].grad)
+            reductions[label] = self._launch_reduction(label)
+        gathers = []
+        for label in WORK_ORDER:
+            if label not in reductions:
+                continue
+            self._update(label, reductions[label](), lr_multiplier, momentum)
+            gather = self._launch_gather(label)
+            if label == "lm_head" and self.tied:  # embed mirrors lm_head: it needs the whole of it now
+                if gather is not None:
+                    gather.wait()
+                transpose_copy(self.params["lm_head"].detach(), self.params["embed"].detach())
+            elif gather is not None:
+                gathers.append(gather)
+        for gather in gathers:
+            gather.wait()
+        for label in active + (["embed"] if self.tied and adam_step else []):
+            self.params[label].grad = None
+
+    def untie(self):
+        """After the split step's (tied) update: embed gets lm_head's Adam moments, transposed, and
+        its update count; from now on the two are separate parameters."""
+        lm_state, embed_state = self.state["lm_head"], self.state["embed"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = lm_state[key]
+            if self.world_size > 1:
+                full = full.new_empty(self.params["lm_head"].shape)
+                dist.all_gather_into_tensor(full, lm_state[key])
+            embed_state[key].copy_(self._chunk("embed", transposed(full)))
+        embed_state["count"].copy_(lm_state["count"])
+        self.tied = False
