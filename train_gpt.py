@@ -589,15 +589,22 @@ POLAR_EXPRESS_COEFFS = (
 
 
 def gram(X, out, tall):
-    """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the
+    """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the CUDA
     shapes where it measured faster than cuBLAS on an H200 (kernels_test.py --bench --sweep)."""
-    use_kernel = X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE
-    if use_kernel:
+    if X.is_cuda and (X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE):
         return (XTX if tall else XXT)(X, out)
     return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
 
 
 GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
+
+
+def polar_step_matrix(A, out, b, c):
+    """out = b A + c A A for symmetric A: the symmetric kernel on CUDA (faster than baddbmm at every
+    measured shape), baddbmm elsewhere."""
+    if A.is_cuda:
+        return ba_plus_cAA(A, out, alpha=c, beta=b)
+    return torch.baddbmm(A, A, A, beta=b, alpha=c, out=out)
 
 
 def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.bfloat16):
@@ -616,7 +623,7 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
     B = torch.empty_like(A)
     for a, b, c in POLAR_EXPRESS_COEFFS:
         gram(X, A, tall)
-        ba_plus_cAA(A, B, alpha=c, beta=b)
+        polar_step_matrix(A, B, b, c)
         if not tall:
             X = torch.baddbmm(X, B, X, beta=a)
         elif X.size(-2) > 1024:

@@ -1,0 +1,351 @@
+"""Model and optimizer tests: a tiny fp32 model on CPU (reference attention, interpreter kernels),
+the optimizer against independent references, and the distributed optimizer with gloo in 1, 2 and
+4 processes. GPU tests (full-size compiled model, varlen attention, FP8 loss, NCCL) skip on CPU."""
+import math
+import os
+import tempfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+
+GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+TINY = dict(vocab_size=512, num_heads=6, head_dim=16, model_dim=96, max_len=512)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return tg.GPT(**{**TINY, "dtype": torch.float32, **kw})
+
+
+def tiny_batch(model, T=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, model.vocab_size, (T,), generator=g, dtype=torch.int32)
+    cut = sorted(torch.randint(1, T, (3,), generator=g).tolist())
+    inputs[[0] + cut] = tg.BOS_ID % model.vocab_size
+    cu = torch.tensor([0] + cut + [T] * 4, dtype=torch.int32)
+    targets = torch.randint(0, model.vocab_size, (T,), generator=g)
+    bigram = torch.from_numpy(tg.bigram_hash(inputs.numpy(), model.bigram_vocab_size))
+    return inputs, targets, cu, bigram
+
+
+def randomize(model, seed=1):
+    """Non-trivial values for the parameters that start at zero, so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def test_tiny_model_forward_backward():
+    model = tiny_model()
+    batch = tiny_batch(model)
+    eval_loss = model(*batch, max_seq_len=128, windows=(1, 3))
+    assert abs(eval_loss.item() - math.log(model.vocab_size)) < 0.5  # an untrained model is near uniform
+    randomize(model)
+    loss = model(*batch, max_seq_len=128, windows=(1, 3), mtp_weights=torch.tensor([1.0, 0.5, 0.25]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name != "scalars":  # the padding entries of scalars are unused
+            assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+    assert model.mlp_bank.grad[-1].abs().sum() == 0, "the padding MLP must not be used"
+
+
+def test_training_loss_relates_to_eval_loss():
+    """With MTP weights [1] the summed training loss is rows x the mean eval loss."""
+    model = tiny_model()
+    randomize(model)
+    batch = tiny_batch(model)
+    eval_loss = model(*batch, max_seq_len=128, windows=(1, 3))
+    train_loss = model(*batch, max_seq_len=128, windows=(1, 3), mtp_weights=torch.tensor([1.0]))
+    assert torch.allclose(train_loss, eval_loss * batch[0].numel(), rtol=1e-5)
+
+
+def test_rotary_is_a_complex_rotation():
+    rot = tg.Rotary(head_dim=128, max_len=300, device="cpu")
+    x = torch.randn(300, 2, 128)
+    out = tg.rotate(x, rot.cos.float(), rot.sin.float())
+    freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, 32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64)])
+    angles = torch.arange(300, dtype=torch.float64)[:, None, None] * freqs
+    z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous()) * torch.exp(-1j * angles)
+    ref = torch.view_as_real(z).flatten(-2)
+    assert ((out - ref).norm() / ref.norm()) < 1e-2  # tables are bf16
+    assert torch.equal(out[..., 64:], x[..., 64:]), "the second half of the dims is stationary"
+
+
+def test_yarn_update():
+    rot = tg.Rotary(head_dim=128, max_len=64, device="cpu")
+    old_freqs = rot.freqs.clone()
+    rot.yarn(384, 896)
+    rotations = 384 * old_freqs / (2 * math.pi)
+    ramp = ((rotations - 1) / 31).clamp(0, 1)
+    expected = old_freqs * (384 / 896 + ramp * (1 - 384 / 896))
+    assert torch.allclose(rot.freqs, expected)
+    assert rot.freqs[0] == old_freqs[0], "the fastest frequencies (many rotations) are not stretched"
+    assert rot.freqs[62] < old_freqs[62], "the slowest are"
+    assert rot.attn_scale == pytest.approx(0.1 * (0.2 * math.log(896 / 384) + 1))
+    angles = torch.arange(64)[:, None] * rot.freqs
+    assert torch.allclose(rot.cos[:, 0].float(), angles.cos(), atol=4e-3)
+    rot.yarn(896, 1408)
+    assert rot.attn_scale == pytest.approx(0.1 * (0.2 * math.log(896 / 384) + 1) * (0.2 * math.log(1408 / 896) + 1))
+    rot.reset()
+    assert torch.equal(rot.freqs, old_freqs) and rot.attn_scale == 0.1
+
+
+def test_reference_attention_equals_per_document_loop():
+    T, H, D, window = 70, 2, 8, 5
+    q, k, v = torch.randn(3, T, H, D, dtype=torch.float64).unbind(0)
+    cu = torch.tensor([0, 20, 21, 55, T, T, T], dtype=torch.int32)
+    out = tg.reference_attention(q, k, v, cu, window, scale=0.3)
+    ref = torch.empty_like(q)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for i in range(start, end):
+            keys = slice(max(start, i - window), i + 1)
+            weights = torch.softmax(0.3 * torch.einsum("hd,khd->hk", q[i], k[keys]), dim=-1)
+            ref[i] = torch.einsum("hk,khd->hd", weights, v[keys])
+    assert torch.allclose(out, ref)
+
+
+@pytest.mark.parametrize("layer", [0, 2])  # paired heads without / with value embeddings
+def test_paired_head_attention_equals_straightforward_construction(layer):
+    model = tiny_model()
+    randomize(model)
+    T, h, hd = 40, model.num_heads, model.head_dim
+    x = torch.randn(T, h * hd)
+    ve = torch.randn(T, h * hd)
+    cu = torch.tensor([0, 15, T, T], dtype=torch.int32)
+    W, sa = model.attn_bank[layer].detach(), (model.scalars[2 * layer].detach(), model.scalars[2 * layer + 1].detach())
+    ve_gate, attn_gate = model.ve_gate_bank[1].detach(), model.attn_gate_bank[layer].detach()
+    with torch.no_grad():
+        out = model.attn(layer, x, W, sa, ve if layer == 2 else None, ve_gate, attn_gate, cu, 16, 8)
+    # straightforward: token t, head h -> rotary position 2t + h % 2, sequence position 2t + h // 3, slot h % 3
+    q, k, v = (x @ (sa[0] * W[:3 * h * hd]).T).view(T, 3, h, hd).unbind(1)
+    q, k = tg.norm(q), tg.norm(k)
+    if layer == 2:
+        v = v + (2 * torch.sigmoid(x[:, :12] @ ve_gate.T))[..., None] * ve.view(T, h, hd)
+    cos, sin = model.rotary.cos.float(), model.rotary.sin.float()
+    q2, k2, v2 = (torch.empty(2 * T, h // 2, hd) for _ in range(3))
+    for t in range(T):
+        for head in range(h):
+            pos, seq, slot = 2 * t + head % 2, 2 * t + head // 3, head % 3
+            q2[seq, slot] = tg.rotate(q[t, head], cos[pos, 0], sin[pos, 0])
+            k2[seq, slot] = tg.rotate(k[t, head], cos[pos, 0], sin[pos, 0])
+            v2[seq, slot] = v[t, head]
+    y2 = tg.reference_attention(q2, k2, v2, 2 * cu, 8, model.rotary.attn_scale)
+    y = torch.empty(T, h, hd)
+    for t in range(T):
+        for head in range(h):
+            y[t, head] = y2[2 * t + head // 3, head % 3]
+    y = y * torch.sigmoid(x[:, :12] @ attn_gate.T)[..., None]
+    ref = y.reshape(T, h * hd) @ (sa[1] * W[3 * h * hd:]).T
+    assert torch.allclose(out, ref, atol=2e-2, rtol=2e-2)  # tables are bf16, the rounding points differ
+    assert ((out - ref).norm() / ref.norm()) < 5e-3
+
+
+# --- optimizer pieces against references ---------------------------------------------------------
+
+def reference_normuon(p, grad, momentum, lr, lr_mul, weight_decay, beta2, c_proj):
+    """One NorMuon step from zero state, SPEC §3.3, in plain fp64."""
+    p, grad = p.double(), grad.double()
+    buf = (1 - momentum) * grad
+    g = grad + momentum * (buf - grad)
+    X = g / (g.norm() * 1.02 + 1e-6)
+    tall = X.size(0) > X.size(1)
+    X = X.T if tall else X
+    for a, b, c in tg.POLAR_EXPRESS_COEFFS:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    X = X.T if tall else X
+    rows, cols = X.shape
+    dim = 1 if rows >= cols else 0
+    m = (X ** 2).mean(dim, keepdim=True)
+    n = (m.sum() * X.size(dim)).sqrt()
+    v2 = (1 - beta2) * m
+    s = v2.clamp_min(1e-10).rsqrt()
+    n2 = (m * X.size(dim) * s ** 2).sum().sqrt()
+    X = X * s * (n / n2)
+    eff_lr = lr * lr_mul * max(1, rows / cols) ** 0.5 * (2 if c_proj else 1)
+    mask = (X * p) >= 0
+    return p - p * mask * weight_decay * lr * eff_lr - X * eff_lr
+
+
+def test_normuon_step_matches_reference():
+    """attn: square matrices (wide form); mlp: tall matrices, c_proj at odd indices."""
+    model = tiny_model()
+    opt = tg.NorMuonAdam(model)
+    before, grads = {}, {}
+    for label in ("attn", "mlp"):
+        before[label] = opt._view(label).detach().clone()
+        opt.params[label].grad = torch.randn_like(opt.params[label])
+        grads[label] = opt.params[label].grad.view_as(before[label]).clone()
+    opt.step(lr_multiplier=0.7, momentum=0.9, adam_step=False)
+    for label in ("attn", "mlp"):
+        after = opt._view(label).detach()
+        for i in (0, 1, before[label].size(0) - 1):
+            ref = reference_normuon(before[label][i], grads[label][i], 0.9, 0.023 * 0.7, 1.0, 1.2, 0.95,
+                                    c_proj=label == "mlp" and i % 2 == 1)
+            assert ((after[i] - ref).norm() / (ref - before[label][i]).norm()) < 1e-3, f"{label} matrix {i}"
+
+
+def test_mantissa_update_stays_within_one_bf16_ulp():
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(64, 32, generator=g)
+    p = reference.to(torch.bfloat16)
+    reference = p.float()
+    mantissa = torch.zeros(64, 32, dtype=torch.uint16)
+    lr, decay = torch.full((1, 1), 1e-3), torch.tensor(0.5)
+    for _ in range(50):
+        X = torch.randn(64, 32, generator=g)
+        tg.normuon_apply(p, mantissa, X, lr, decay)
+        reference = reference - reference * ((X * reference) >= 0) * (decay * lr) - X * lr
+    combined = ((p.view(torch.int16).to(torch.int32) << 16) | mantissa.to(torch.int32)).view(torch.float32)
+    assert torch.allclose(combined, reference, rtol=1e-6, atol=1e-7)
+    ulp = torch.finfo(torch.bfloat16).eps * p.float().abs()
+    assert ((p.float() - reference).abs() <= ulp).all()
+    # plain bf16 rounding would have lost most of the 50 small updates
+    naive = reference.to(torch.bfloat16)
+    assert torch.equal(p, naive) or (p.float() - reference).abs().max() <= ulp.max()
+
+
+def test_adam_with_cautious_decay_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(40, 8, generator=g)
+    ref = p.double().clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    ref_m, ref_v = torch.zeros_like(ref), torch.zeros_like(ref)
+    beta1, beta2, eps, lr, wd = 0.5, 0.95, 1e-10, 0.01, 0.005 * 150
+    count = torch.zeros(())
+    for t in range(1, 4):
+        grad = torch.randn(40, 8, generator=g)
+        count += 1
+        tg.adam_update(p, grad, m, v, count, torch.tensor(lr), torch.tensor(lr * lr * wd), beta1, beta2, eps)
+        ref_m = beta1 * ref_m + (1 - beta1) * grad.double()
+        ref_v = beta2 * ref_v + (1 - beta2) * grad.double() ** 2
+        u = ref_m / (ref_v.sqrt() + eps) * lr * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        u = u + lr * lr * wd * ref * (u * ref > 0)
+        ref = ref - u
+    assert torch.allclose(p.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+# --- the distributed optimizer (gloo) ------------------------------------------------------------
+# Every step draws 8 "slot" gradients per parameter (integers * 2^-12, so sums are exact in any
+# order); rank r of W gets the slots s with s % W == r, like the data loader. bigram_embed slot
+# gradients touch only that slot's rows.
+
+STEPS, SPLIT_STEP = 8, 5
+
+
+def slot_gradients(model, step, slot):
+    """The same draws for every world size (scalars' padding, which depends on it, gets zeros)."""
+    def draw(name, shape):
+        g = torch.Generator().manual_seed(zlib.crc32(f"{step} {slot} {name}".encode()))
+        return torch.randint(-1000, 1000, shape, generator=g).float() * 2 ** -12
+    grads = {name: draw(name, p.shape) for name, p in model.named_parameters()}
+    used = 2 * tg.NUM_LAYERS + 3
+    grads["scalars"][used:] = 0
+    rows = torch.randperm(model.bigram_vocab_size, generator=torch.Generator().manual_seed(8 * step + slot))[:30]
+    mask = torch.zeros(model.bigram_vocab_size, 1)
+    mask[rows] = 1
+    grads["bigram_embed"] *= mask
+    return grads, rows.numpy()
+
+
+def run_optimizer(rank, world_size, sparse, port, out_dir):
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = tiny_model()
+    opt = tg.NorMuonAdam(model, rank, world_size, sparse_bigram=sparse)
+    for step in range(STEPS):
+        adam_step = step % 2 == 1
+        for slot in range(rank, 8, world_size):
+            grads, rows = slot_gradients(model, step, slot)
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone() if p.grad is None else p.grad + grads[name]
+            opt.add_bigram_rows(rows)
+        if sparse and adam_step:
+            opt.prepare_bigram_exchange()
+        opt.step(lr_multiplier=1.0 - 0.05 * step, momentum=0.9, adam_step=adam_step)
+        if step == SPLIT_STEP:
+            opt.untie()
+        if step < SPLIT_STEP:
+            assert torch.equal(model.embed, model.lm_head.T)
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+               os.path.join(out_dir, f"w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def optimizer_runs():
+    out_dir = tempfile.mkdtemp()
+    for world_size, sparse in ((1, False), (2, False), (4, False), (2, True), (4, True)):
+        if world_size == 1:
+            run_optimizer(0, 1, False, None, out_dir)
+        else:
+            mp.spawn(run_optimizer, args=(world_size, sparse, _free_port(), out_dir), nprocs=world_size)
+    def load(world_size, sparse, rank):
+        return torch.load(os.path.join(out_dir, f"w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
+    return load
+
+
+@pytest.mark.parametrize("world_size,sparse", [(2, False), (4, False), (2, True), (4, True)])
+def test_distributed_optimizer_matches_single_process(optimizer_runs, world_size, sparse):
+    single = optimizer_runs(1, False, 0)
+    for rank in range(world_size):
+        params = optimizer_runs(world_size, sparse, rank)
+        for name, ref in single.items():
+            got = params[name]
+            if name == "scalars":  # the padding depends on the world size
+                ref, got = ref[:2 * tg.NUM_LAYERS + 3], got[:2 * tg.NUM_LAYERS + 3]
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-6), f"{name} on rank {rank} of {world_size}"
+
+
+def test_optimizer_moved_every_parameter(optimizer_runs):
+    torch.manual_seed(0)
+    initial = dict(tiny_model().named_parameters())
+    final = optimizer_runs(1, False, 0)
+    for name, p in initial.items():
+        assert not torch.equal(final[name], p.detach()), f"{name} never changed"
+    assert not torch.equal(final["embed"], final["lm_head"].T), "embed and lm_head stay tied after the split"
+
+
+def test_sparse_and_dense_bigram_exchange_agree(optimizer_runs):
+    for world_size in (2, 4):
+        dense, sparse = optimizer_runs(world_size, False, 0), optimizer_runs(world_size, True, 0)
+        assert torch.equal(dense["bigram_embed"], sparse["bigram_embed"])
+
+
+def test_state_dict_round_trip():
+    model = tiny_model()
+    opt = tg.NorMuonAdam(model)
+    saved_model = {n: p.detach().clone() for n, p in model.named_parameters()}
+    saved_opt = opt.state_dict()
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step(1.0, 0.9, adam_step=step % 2 == 1)
+    assert not torch.equal(model.attn_bank, saved_model["attn_bank"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved_model[n])
+    opt.load_state_dict(saved_opt)
+    assert all((v == 0).all() for v in (opt.state["mlp"]["momentum_buffer"], opt.state["lm_head"]["exp_avg"]))
+    assert opt.state["lm_head"]["count"] == 0 and opt.tied
