@@ -8,7 +8,9 @@ import concurrent.futures
 import glob
 import math
 import os
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,9 +104,16 @@ def bigram_hash(x, bigram_vocab_size=BIGRAM_VOCAB_SIZE):
     return h
 
 
+class MicroBatch(NamedTuple):
+    inputs: torch.Tensor  # int32 (L,)
+    targets: torch.Tensor  # int64 (L,)
+    cu_seqlens: torch.Tensor  # int32 (max_num_docs,): document starts, then L
+    bigram_hash: torch.Tensor  # int32 (L,)
+    bigram_rows: np.ndarray  # the same hashes on the host: the bigram_embed rows the step touches
+
+
 def micro_batch(buf, doc_starts, device, path):
-    """Tensors for one rank's micro-step from L + 1 tokens buf (int32) whose documents start at
-    doc_starts: inputs int32, targets int64, cu_seqlens int32 (padded with L), bigram hashes int32."""
+    """One rank's micro-step from L + 1 tokens buf (int32) whose documents start at doc_starts."""
     local_tokens = buf.size - 1
     cu_seqlens = np.full(max_num_docs(local_tokens), local_tokens, dtype=np.int32)
     if len(doc_starts) + 1 > cu_seqlens.size:
@@ -112,12 +121,12 @@ def micro_batch(buf, doc_starts, device, path):
                         f"the {cu_seqlens.size - 1} that max_num_docs allows. Shards with such short documents "
                         "need a larger max_num_docs.")
     cu_seqlens[:len(doc_starts)] = doc_starts
-    inputs = buf[:-1]
+    inputs, hashes = buf[:-1], bigram_hash(buf[:-1])
     host = (torch.from_numpy(inputs), torch.from_numpy(buf[1:].astype(np.int64)), torch.from_numpy(cu_seqlens),
-            torch.from_numpy(bigram_hash(inputs)))
+            torch.from_numpy(hashes))
     if torch.device(device).type == "cuda":
         host = [t.pin_memory() for t in host]
-    return tuple(t.to(device, non_blocking=True) for t in host)
+    return MicroBatch(*(t.to(device, non_blocking=True) for t in host), hashes)
 
 
 class ShardReader:
@@ -175,7 +184,7 @@ def plan_step(shard, cursor, local_tokens, max_seq_len):
 
 def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_steps, rank=0, world_size=1,
                                device="cuda"):
-    """Yields (inputs, targets, cu_seqlens, bigram_hash) for each micro-step of this rank.
+    """Yields a MicroBatch for each micro-step of this rank.
 
     send((batch_tokens, max_seq_len, grad_accum_steps)) after the last micro-step of a step switches
     the next steps to a new stage and returns that step's first micro-batch.
@@ -203,7 +212,7 @@ def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_st
 
 
 def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
-    """Yields (inputs, targets, cu_seqlens, bigram_hash) of contiguous validation windows (not
+    """Yields MicroBatches of contiguous validation windows (not
     BOS-aligned): slot j of each val step takes local_tokens + 1 tokens at j * local_tokens;
     documents start at the BOS tokens of the inputs."""
     step_tokens = local_tokens * world_size * grad_accum_steps
@@ -1181,3 +1190,325 @@ class NorMuonAdam:
             embed_state[key].copy_(self._chunk("embed", transposed(full)))
         embed_state["count"].copy_(lm_state["count"])
         self.tied = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule: three stages of the scheduled steps, then an extension at the last stage's batch.
+
+
+@dataclass(frozen=True)
+class Stage:
+    batch_tokens: int  # global, per step
+    max_seq_len: int
+    windows: tuple  # (short, long) attention windows in 128-token blocks
+    lr_mul: float
+    mtp_start: tuple  # multi-token prediction weights at the stage's first step ...
+    mtp_end: tuple  # ... and at its (exclusive) end
+
+
+STAGES = (
+    Stage(131072, 896, (1, 3), 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
+    Stage(262144, 2048, (3, 7), 1.52, (1.0, 0.5), (1.0, 0.0)),
+    Stage(393216, 2048, (5, 11), 1.73, (1.0,), (1.0,)),
+)
+EXTENSION = Stage(393216, 2048, (6, 13), 1.73, (1.0,), (1.0,))
+FINAL_VAL_WINDOWS = (6, 20)  # the final validation looks further, without a YaRN update
+VAL_BATCH_TOKENS = 2_097_152  # per val step, 8 slots of 262,144 for every world size
+COOLDOWN_START_FRAC, COOLDOWN_END_MULTIPLIER = 0.4, 0.15
+MOMENTUM_WARMUP_STEPS, MOMENTUM_COOLDOWN_STEPS = 300, 50
+
+
+class Schedule:
+    def __init__(self, num_scheduled, num_extension):
+        self.num_scheduled, self.total = num_scheduled, num_scheduled + num_extension
+        self.starts = [round(k * num_scheduled / 3) for k in range(3)] + [num_scheduled]  # 0/483/967/1450
+        self.split_step = self.starts[2]  # embed and lm_head separate after this step's update
+
+    def stage_index(self, step):
+        """0, 1, 2 for the stages, 3 for the extension."""
+        return sum(step >= s for s in self.starts[1:])
+
+    def stage(self, step):
+        return (*STAGES, EXTENSION)[self.stage_index(step)]
+
+    def mtp_weights(self, step):
+        i = self.stage_index(step)
+        stage = self.stage(step)
+        if i == 3:
+            return stage.mtp_start
+        t = (step - self.starts[i]) / (self.starts[i + 1] - self.starts[i])
+        return tuple(a + t * (b - a) for a, b in zip(stage.mtp_start, stage.mtp_end))
+
+    def lr_multiplier(self, step):
+        cooldown_start = int(self.num_scheduled * COOLDOWN_START_FRAC)
+        t = min(1.0, max(0.0, (step - cooldown_start) / (self.num_scheduled - cooldown_start)))
+        return self.stage(step).lr_mul * (1 - t) + COOLDOWN_END_MULTIPLIER * t
+
+    def momentum(self, step):
+        warm = 0.85 + 0.10 * min(1.0, step / MOMENTUM_WARMUP_STEPS)
+        cool_start = self.total - MOMENTUM_COOLDOWN_STEPS
+        return warm - 0.10 * max(0.0, (step - cool_start) / MOMENTUM_COOLDOWN_STEPS)
+
+    def adam_step(self, step):
+        """Adam updates on odd steps; the split step is always one."""
+        return step % 2 == 1 or step == self.split_step
+
+    def warmup_steps(self):
+        """Steps that compile every shape: the first two and two on each side of every stage start."""
+        steps = {0, 1}
+        for s in self.starts[1:]:
+            steps |= {s - 2, s - 1, s, s + 1}
+        return sorted(s for s in steps if 0 <= s < self.total)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: torchrun (or plain python, one process) on a world size that divides 8.
+
+
+@dataclass
+class Hyperparameters:
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    val_tokens: int = 10_485_760  # validate on this many tokens: the record's rule
+    num_scheduled_iterations: int = 1450
+    num_extension_iterations: int = 40
+    val_loss_every: int = 250  # 0: validate only at the end
+    sparse_bigram: str = "auto"  # the sparse bigram gradient exchange: auto (8 GPUs, no accumulation), on, off
+    save_checkpoint: bool = False
+    run_id: str = ""  # log file name (default: a fresh uuid)
+    seed: int = 0
+
+
+class UsageError(Exception):
+    """A problem with how the script was launched; the message says what to do."""
+
+
+def parse_args(argv):
+    """Every Hyperparameters field as --name value; unknown flags are an error listing the valid ones."""
+    import argparse
+    fields = Hyperparameters.__dataclass_fields__
+    parser = argparse.ArgumentParser(description="GPT speedrun training.", add_help=True)
+    for name, field in fields.items():
+        kind = {bool: lambda v: v.lower() in ("1", "true", "yes", "on"), int: int, str: str}[type(field.default)]
+        parser.add_argument(f"--{name}", type=kind, default=field.default)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"unknown argument(s) {' '.join(unknown)}; valid: {' '.join('--' + n for n in fields)}")
+    hp = Hyperparameters(**vars(args))
+    if hp.sparse_bigram not in ("auto", "on", "off"):
+        raise UsageError(f"--sparse_bigram must be auto, on or off, not {hp.sparse_bigram!r}")
+    return hp
+
+
+def check_world_size(world_size):
+    if world_size < 1 or 8 % world_size:
+        raise UsageError(f"world size {world_size} does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8")
+    return 8 // world_size
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<run_id>.txt; other ranks stay silent."""
+
+    def __init__(self, run_id, master):
+        self.master = master
+        self.path = os.path.join("logs", f"{run_id}.txt")
+        if master:
+            os.makedirs("logs", exist_ok=True)
+
+    def __call__(self, line="", console=True):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+            if console:
+                print(line, flush=True)
+
+    def header(self):
+        """The script itself, versions and nvidia-smi: a log is a self-contained record."""
+        import subprocess
+        import sys
+        with open(__file__) as f:
+            self(f.read(), console=False)
+        self("=" * 100, console=False)
+        self(f"Python {sys.version.split()[0]}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}, "
+             f"Triton {triton.__version__}")
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            smi = f"nvidia-smi failed: {e}"
+        self(smi, console=False)
+        self("=" * 100, console=False)
+
+
+class Trainer:
+    def __init__(self, hp, rank, world_size, device):
+        self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
+        self.grad_accum = check_world_size(world_size)
+        self.grad_scale = 1 / SLOTS_PER_STEP  # 1/grad_accum, with the 1/world of the average folded in
+        self.schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
+        sparse = {"auto": world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[hp.sparse_bigram]
+        torch.manual_seed(hp.seed)
+        self.model = GPT(device=device)
+        if world_size > 1:
+            for p in self.model.parameters():
+                dist.broadcast(p.detach(), 0)
+        self.optimizer = NorMuonAdam(self.model, rank, world_size, sparse_bigram=sparse)
+        self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True)
+        self.val_local_tokens = VAL_BATCH_TOKENS // SLOTS_PER_STEP
+
+    def loader(self):
+        stage = self.schedule.stage(0)
+        return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
+                                          self.grad_accum, self.rank, self.world_size, self.device)
+
+    def train_step(self, step, batches, stage):
+        """Forward and backward over the step's micro-batches, then the optimizer. Returns the loss."""
+        mtp = torch.tensor(self.schedule.mtp_weights(step), dtype=torch.float32).to(self.device, non_blocking=True)
+        total = torch.zeros((), device=self.device)
+        adam_step = self.schedule.adam_step(step)
+        for i, batch in enumerate(batches):
+            self.optimizer.add_bigram_rows(batch.bigram_rows)
+            loss = self.compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash,
+                                 stage.max_seq_len, stage.windows, mtp, self.grad_scale)
+            if adam_step and self.optimizer.sparse_bigram and i == len(batches) - 1:
+                self.optimizer.prepare_bigram_exchange()  # host work and small messages while the GPU computes
+            (loss * self.grad_scale).backward()
+            total += loss.detach() * self.grad_scale
+        self.optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step), adam_step)
+        if step == self.schedule.split_step:
+            self.optimizer.untie()
+        return total
+
+    def micro_batches(self, loader, step):
+        """The step's micro-batches; the first one tells the loader about a new stage."""
+        stage = self.schedule.stage(step)
+        new_stage = step > 0 and self.schedule.stage(step - 1) != stage
+        first = loader.send((stage.batch_tokens, stage.max_seq_len, self.grad_accum)) if new_stage else next(loader)
+        return [first] + [next(loader) for _ in range(self.grad_accum - 1)]
+
+    def apply_yarn(self, step):
+        """Stretch the rotary frequencies when the long window grows at this step."""
+        if step > 0:
+            old, new = self.schedule.stage(step - 1).windows[1], self.schedule.stage(step).windows[1]
+            if new != old:
+                self.model.rotary.yarn(128 * old, 128 * new)
+
+    @torch.no_grad()
+    def validate(self, windows, val_batches=None):
+        """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
+        if val_batches is None:
+            val_batches = validation_batches(self.hp.val_files, self.hp.val_tokens, self.val_local_tokens,
+                                             self.grad_accum, self.rank, self.world_size, self.device)
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in val_batches:
+            total += self.compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash,
+                                   self.val_local_tokens, windows)
+            count += 1
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return total.item() / (count * self.world_size)
+
+    def warmup(self, log):
+        """Compile every shape on real batches (one eval forward and one training step at each warm-up
+        step), then restore the initial model, optimizer, rotary and loader: warm-up trains nothing."""
+        initial_model = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        initial_optimizer = self.optimizer.state_dict()
+        val_batch = [next(validation_batches(self.hp.val_files, VAL_BATCH_TOKENS, self.val_local_tokens,
+                                             self.grad_accum, self.rank, self.world_size, self.device))]
+        loader = self.loader()
+        for step in self.schedule.warmup_steps():
+            t0 = time.perf_counter()
+            self.apply_yarn(step)
+            stage = self.schedule.stage(step)
+            self.validate(stage.windows, val_batch)
+            self.train_step(step, self.micro_batches(loader, step), stage)
+            torch.cuda.synchronize()
+            log(f"warm-up step {step}: {time.perf_counter() - t0:.1f}s")
+        self.validate(FINAL_VAL_WINDOWS, val_batch)
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(initial_model[n])
+                p.grad = None
+        self.optimizer.load_state_dict(initial_optimizer)
+        self.model.rotary.reset()
+        loader.close()
+        log("Resetting Model")
+
+    def train(self, log, launch_time):
+        self.warmup(log)
+        schedule, total_steps = self.schedule, self.schedule.total
+        loader = self.loader()
+        step_times = [[] for _ in range(4)]
+        torch.cuda.synchronize()
+        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch to the first timed step")
+        train_time = 0.0
+        for step in range(total_steps + 1):
+            last = step == total_steps
+            if last or (self.hp.val_loss_every and step % self.hp.val_loss_every == 0):
+                windows = FINAL_VAL_WINDOWS if last else schedule.stage(step).windows
+                val_loss = self.validate(windows)
+                log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{1000 * train_time:.0f}ms "
+                    f"step_avg:{1000 * train_time / max(step, 1):.2f}ms")
+            if last:
+                break
+            t0 = time.perf_counter()
+            self.apply_yarn(step)
+            stage = schedule.stage(step)
+            loss = self.train_step(step, self.micro_batches(loader, step), stage)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            train_time += dt
+            step_times[schedule.stage_index(step)].append(dt)
+            if not math.isfinite(loss.item()):
+                raise TrainingError(f"the training loss is {loss.item()} at step {step}: stopping. Lower the "
+                                    "learning rates or check the data.")
+            log(f"step:{step + 1}/{total_steps} train_time:{1000 * train_time:.0f}ms "
+                f"step_avg:{1000 * train_time / (step + 1):.2f}ms")
+        for i, times in enumerate(step_times):
+            if times:
+                name = f"stage {i + 1}" if i < 3 else "extension"
+                log(f"{name} (steps {schedule.starts[i]}-{schedule.starts[i] + len(times) - 1}): "
+                    f"{1000 * sum(times) / len(times):.1f} ms/step")
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        if self.hp.save_checkpoint:
+            path = os.path.join("logs", f"{self.hp.run_id}_rank{self.rank}.pt")
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
+            log(f"saved {path} (and one per rank)")
+
+
+class TrainingError(Exception):
+    """Training went wrong (a non-finite loss); the message says where."""
+
+
+def main(argv=None):
+    import sys
+    import uuid
+    launch_time = time.perf_counter()
+    hp = parse_args(sys.argv[1:] if argv is None else argv)
+    hp.run_id = hp.run_id or str(uuid.uuid4())
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_world_size(world_size)
+    if not torch.cuda.is_available():
+        raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200)")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl", device_id=device)
+    torch._dynamo.config.recompile_limit = 64  # each stage's shapes compile their own graphs
+    log = Logger(hp.run_id, rank == 0)
+    log.header()
+    log(f"world size {world_size}, gradient accumulation {8 // world_size}, {hp}")
+    try:
+        Trainer(hp, rank, world_size, device).train(log, launch_time)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+    try:
+        main()
+    except (UsageError, DataError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

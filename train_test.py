@@ -260,18 +260,20 @@ def slot_gradients(model, step, slot):
     return grads, rows.numpy()
 
 
-def run_optimizer(rank, world_size, sparse, port, out_dir):
+def run_optimizer(rank, world_size, sparse, port, out_dir, device_type="cpu"):
+    device = torch.device(device_type, rank if device_type == "cuda" else 0)
     if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    torch.manual_seed(0)
-    model = tiny_model()
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world_size)
+    model = tiny_model(device=device)
     opt = tg.NorMuonAdam(model, rank, world_size, sparse_bigram=sparse)
     for step in range(STEPS):
         adam_step = step % 2 == 1
         for slot in range(rank, 8, world_size):
             grads, rows = slot_gradients(model, step, slot)
             for name, p in model.named_parameters():
-                p.grad = grads[name].clone() if p.grad is None else p.grad + grads[name]
+                grad = grads[name].to(device)
+                p.grad = grad if p.grad is None else p.grad + grad
             opt.add_bigram_rows(rows)
         if sparse and adam_step:
             opt.prepare_bigram_exchange()
@@ -280,8 +282,8 @@ def run_optimizer(rank, world_size, sparse, port, out_dir):
             opt.untie()
         if step < SPLIT_STEP:
             assert torch.equal(model.embed, model.lm_head.T)
-    torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-               os.path.join(out_dir, f"w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
+    torch.save({n: p.detach().cpu() for n, p in model.named_parameters()},
+               os.path.join(out_dir, f"{device_type}_w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -302,7 +304,7 @@ def optimizer_runs():
         else:
             mp.spawn(run_optimizer, args=(world_size, sparse, _free_port(), out_dir), nprocs=world_size)
     def load(world_size, sparse, rank):
-        return torch.load(os.path.join(out_dir, f"w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
+        return torch.load(os.path.join(out_dir, f"cpu_w{world_size}_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
     return load
 
 
@@ -349,3 +351,154 @@ def test_state_dict_round_trip():
     opt.load_state_dict(saved_opt)
     assert all((v == 0).all() for v in (opt.state["mlp"]["momentum_buffer"], opt.state["lm_head"]["exp_avg"]))
     assert opt.state["lm_head"]["count"] == 0 and opt.tied
+
+
+# --- schedule and command line -------------------------------------------------------------------
+
+def test_record_schedule():
+    s = tg.Schedule(1450, 40)
+    assert s.starts == [0, 483, 967, 1450] and s.total == 1490 and s.split_step == 967
+    assert [s.stage_index(x) for x in (0, 482, 483, 966, 967, 1449, 1450, 1489)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert s.warmup_steps() == [0, 1, 481, 482, 483, 484, 965, 966, 967, 968, 1448, 1449, 1450, 1451]
+    assert s.stage(0).batch_tokens == 131072 and s.stage(483).max_seq_len == 2048 and s.stage(1450).windows == (6, 13)
+
+
+def test_mtp_weights_interpolate_within_each_stage():
+    s = tg.Schedule(1450, 40)
+    assert s.mtp_weights(0) == (1.0, 0.5, 0.25)
+    assert s.mtp_weights(482) == pytest.approx((1.0, 0.5, 0.25 / 483))  # never exactly 0 inside the stage
+    assert s.mtp_weights(483) == (1.0, 0.5)
+    assert s.mtp_weights(725) == pytest.approx((1.0, 0.5 * (1 - 242 / 484)))
+    assert s.mtp_weights(967) == (1.0,) and s.mtp_weights(1489) == (1.0,)
+
+
+def test_learning_rate_and_momentum():
+    s = tg.Schedule(1450, 40)
+    assert s.lr_multiplier(0) == 1.0 and s.lr_multiplier(579) == 1.52 and s.lr_multiplier(580) == 1.52
+    assert s.lr_multiplier(1015) == pytest.approx(1.73 * 0.5 + 0.15 * 0.5)
+    assert s.lr_multiplier(1449) == pytest.approx(1.73 / 870 + 0.15 * 869 / 870)
+    assert s.lr_multiplier(1450) == pytest.approx(0.15) and s.lr_multiplier(1489) == pytest.approx(0.15)
+    assert s.momentum(0) == pytest.approx(0.85) and s.momentum(150) == pytest.approx(0.90)
+    assert s.momentum(300) == pytest.approx(0.95) and s.momentum(1440) == pytest.approx(0.95)
+    assert s.momentum(1465) == pytest.approx(0.90) and s.momentum(1490) == pytest.approx(0.85)
+
+
+def test_adam_steps_and_the_split_step():
+    s = tg.Schedule(1450, 40)
+    assert [s.adam_step(x) for x in (0, 1, 2, 966, 967, 968, 969)] == [False, True, False, False, True, False, True]
+    short = tg.Schedule(150, 10)
+    assert short.split_step == 100 and short.adam_step(100) and short.adam_step(99) and short.adam_step(101)
+
+
+def test_command_line():
+    hp = tg.parse_args(["--num_scheduled_iterations", "150", "--val_tokens", "2097152",
+                        "--train_files", "x/*.bin", "--save_checkpoint", "true"])
+    assert (hp.num_scheduled_iterations, hp.val_tokens, hp.train_files, hp.save_checkpoint) == (150, 2097152, "x/*.bin", True)
+    assert hp.num_extension_iterations == 40 and hp.val_files.endswith("fineweb_val_*.bin")
+    with pytest.raises(tg.UsageError, match=r"unknown argument\(s\) --lr 3; valid: --train_files .*--seed"):
+        tg.parse_args(["--lr", "3"])
+    with pytest.raises(tg.UsageError, match="auto, on or off"):
+        tg.parse_args(["--sparse_bigram", "maybe"])
+
+
+@pytest.mark.parametrize("world_size", [3, 5, 6, 16])
+def test_world_size_must_divide_8(world_size):
+    with pytest.raises(tg.UsageError, match=f"world size {world_size} does not divide 8"):
+        tg.check_world_size(world_size)
+
+
+def test_script_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt.py")
+    env = {**os.environ, "WORLD_SIZE": "3"}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "error: world size 3 does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8"]
+    out = subprocess.run([sys.executable, script, "--nope"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "unknown argument(s) --nope" in out.stderr
+    if not GPU:
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 1 and out.stderr.strip() == (
+            "error: no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200)")
+
+
+# --- GPU -----------------------------------------------------------------------------------------
+
+def fineweb_like_batch(local_tokens, max_seq_len, seed=0):
+    """A micro-batch as the loader makes it: documents of log-normal length (median ~400), cut at
+    max_seq_len, random tokens."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.lognormal(np.log(400), 1.0, local_tokens // 32).astype(int) + 32, max_seq_len)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    starts = starts[starts <= local_tokens]
+    buf = rng.integers(0, 50257, local_tokens + 1).astype(np.int32)
+    buf[starts[starts < local_tokens + 1]] = tg.BOS_ID
+    return tg.micro_batch(buf, starts[starts < local_tokens], "cuda", "test")
+
+
+@needs_gpu
+@pytest.mark.parametrize("stage", [0, 2])
+def test_full_model_compiles_without_graph_breaks(stage):
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    model = tg.GPT(device="cuda")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)  # raises on a graph break
+    st = tg.STAGES[stage]
+    batch = fineweb_like_batch(st.batch_tokens // 8, st.max_seq_len)
+    mtp = torch.tensor(st.mtp_start, device="cuda")
+    loss = compiled(*batch[:4], st.max_seq_len, st.windows, mtp, 1 / 8)
+    (loss / 8).backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        val = fineweb_like_batch(262144, 262144, seed=1)
+        val_loss = compiled(*val[:4], 262144, st.windows)
+    assert abs(val_loss.item() - math.log(50304)) < 0.5
+    print(f"stage {stage + 1}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+@needs_gpu
+@pytest.mark.parametrize("window", [128, 384, 1408])
+@pytest.mark.parametrize("paired", [False, True])
+def test_varlen_attention_matches_reference(window, paired):
+    T, max_len = 4096, 2048
+    batch = fineweb_like_batch(T, max_len, seed=window)
+    cu = batch.cu_seqlens * (2 if paired else 1)
+    n = T * (2 if paired else 1)
+    q, k, v = (torch.randn(n, 6 // (2 if paired else 1), 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = tg.attention(q, k, v, cu, max_len * (2 if paired else 1), window, 0.12)
+    ref = tg.reference_attention(q.float(), k.float(), v.float(), cu, window, 0.12)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@needs_gpu
+def test_fp8_training_loss_is_close_to_the_bf16_eval_loss():
+    torch.manual_seed(0)
+    model = tg.GPT(device="cuda")
+    with torch.no_grad():
+        model.lm_head.mul_(20)  # non-trivial logits
+    batch = fineweb_like_batch(16384, 896)
+    with torch.no_grad():
+        train = model(*batch[:4], 896, (1, 3), torch.ones(1, device="cuda"), 1 / 8) / 16384
+        val = model(*batch[:4], 896, (1, 3))
+    assert abs(train.item() - val.item()) / val.item() < 0.01
+    assert abs(val.item() - math.log(50304)) > 0.05, "the logits must not be trivially uniform"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("sparse", [False, True])
+def test_nccl_optimizer_steps_equal_the_single_process_result(sparse):
+    out_dir = tempfile.mkdtemp()
+    run_optimizer(0, 1, False, None, out_dir, "cuda")
+    mp.spawn(run_optimizer, args=(2, sparse, _free_port(), out_dir, "cuda"), nprocs=2)
+    single = torch.load(os.path.join(out_dir, "cuda_w1_dense_r0.pt"))
+    for rank in range(2):
+        params = torch.load(os.path.join(out_dir, f"cuda_w2_{'sparse' if sparse else 'dense'}_r{rank}.pt"))
+        for name, ref in single.items():
+            got = params[name]
+            if name == "scalars":
+                ref, got = ref[:2 * tg.NUM_LAYERS + 3], got[:2 * tg.NUM_LAYERS + 3]
+            # Adam sums are exact; cuBLAS may order Polar Express's bf16 products differently per batch size
+            assert torch.allclose(got, ref, rtol=1e-3, atol=1e-4), f"{name} on rank {rank}"

@@ -61,7 +61,7 @@ def draw(pattern, world_size, steps, stages, rank_filter=None):
                     batch_i = gen.send((*stage_at[step], grad_accum))
                 else:
                     batch_i = next(gen)
-                slots[micro * world_size + rank] = [t.numpy() for t in batch_i]
+                slots[micro * world_size + rank] = [t.numpy() for t in batch_i[:4]]
         out.append(slots)
     return out
 
@@ -193,7 +193,7 @@ def test_validation_windows(tmp_path, world_size):
     for step in range(2):
         for micro in range(grad_accum):
             for rank, gen in enumerate(gens):
-                inputs, targets, cu, bigram = [t.numpy() for t in next(gen)]
+                inputs, targets, cu, bigram = [t.numpy() for t in next(gen)[:4]]
                 start = step * 8 * local + (micro * world_size + rank) * local
                 assert np.array_equal(inputs, tokens[start:start + local])
                 assert np.array_equal(targets, tokens[start + 1:start + local + 1])
@@ -266,7 +266,7 @@ def test_synthetic_cli_output_feeds_the_loader(tmp_path):
                     "--val-tokens", str(2 * 8 * 1024 + 1), "--seed", "3"])
     gen = tg.distributed_data_generator(str(tmp_path / "fineweb_train_*.bin"), 8 * 2048, 896, 8, device="cpu")
     for _ in range(40):  # crosses into the second shard
-        inputs, targets, cu, _ = next(gen)
+        inputs, targets, cu = next(gen)[:3]
         assert inputs[0] == BOS and (inputs[cu[:-1][cu[:-1] < inputs.numel()].long()] == BOS).all()
     val = list(tg.validation_batches(str(tmp_path / "fineweb_val_*.bin"), 2 * 8 * 1024, 1024, 8, device="cpu"))
     assert len(val) == 16
