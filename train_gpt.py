@@ -323,8 +323,8 @@ def ba_plus_cAA(a, out, alpha, beta, **config):
 @triton.jit
 def _transpose_kernel(src_ptr, dst_ptr, M, N, stride_sm, stride_sn, stride_dn, stride_dm,
                       ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # offsets pass 2^31 elements
+    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tile = tl.trans(tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask))
     dst = dst_ptr + cols[:, None] * stride_dn + rows[None, :] * stride_dm
@@ -795,7 +795,7 @@ class GPT(nn.Module):
             return nn.Parameter(tensor)
 
         self.lm_head = param(torch.empty(d, vocab_size, **kw).normal_(0, 0.005))  # stored (in, out)
-        self.embed = param(self.lm_head.detach().T.clone())  # tied to lm_head until the split step
+        self.embed = param(self.lm_head.detach().T.contiguous())  # tied to lm_head until the split step
         self.value_embeds = param(0.01 * torch.randn(NUM_VALUE_EMBEDS * vocab_size, d, **kw))
         self.bigram_embed = param(torch.zeros(self.bigram_vocab_size, d, **kw))
         # attention bank: per layer with attention, rows [Q; K; V; O] of (d, d) each
@@ -988,6 +988,18 @@ def normuon_apply(p, mantissa, X, lr, decay):
         mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
 
 
+def copy_transposed(src, dst):
+    """dst = src^T: the tiled kernel on CUDA (it leaves SMs to NCCL), plain PyTorch elsewhere."""
+    return transpose_copy(src, dst) if src.is_cuda else dst.copy_(src.mT)
+
+
+def add_transposed(src, dst):
+    """dst += src^T, likewise."""
+    return transpose_add(src, dst) if src.is_cuda else dst.add_(src.mT)
+
+
+# Each parameter shape compiles its own Adam graph, each stage its own model graphs.
+torch._dynamo.config.recompile_limit = 64
 compiled_adam_update = torch.compile(adam_update, dynamic=False, fullgraph=True)
 compiled_normuon_variance_reduction = torch.compile(normuon_variance_reduction, dynamic=False, fullgraph=True)
 compiled_normuon_apply = torch.compile(normuon_apply, dynamic=False, fullgraph=True)
@@ -1159,7 +1171,7 @@ class NorMuonAdam:
         reductions = {}
         for label in active:  # scatter order
             if label == "lm_head" and self.tied:
-                transpose_add(self.params["embed"].grad, self.params["lm_head"].grad)
+                add_transposed(self.params["embed"].grad, self.params["lm_head"].grad)
             reductions[label] = self._launch_reduction(label)
         gathers = []
         for label in WORK_ORDER:
@@ -1170,7 +1182,7 @@ class NorMuonAdam:
             if label == "lm_head" and self.tied:  # embed mirrors lm_head: it needs the whole of it now
                 if gather is not None:
                     gather.wait()
-                transpose_copy(self.params["lm_head"].detach(), self.params["embed"].detach())
+                copy_transposed(self.params["lm_head"].detach(), self.params["embed"].detach())
             elif gather is not None:
                 gathers.append(gather)
         for gather in gathers:
@@ -1187,7 +1199,7 @@ class NorMuonAdam:
             if self.world_size > 1:
                 full = full.new_empty(self.params["lm_head"].shape)
                 dist.all_gather_into_tensor(full, lm_state[key])
-            embed_state[key].copy_(self._chunk("embed", transposed(full)))
+            embed_state[key].copy_(self._chunk("embed", copy_transposed(full, full.new_empty(full.mT.shape))))
         embed_state["count"].copy_(lm_state["count"])
         self.tied = False
 
@@ -1494,7 +1506,6 @@ def main(argv=None):
     torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl", device_id=device)
-    torch._dynamo.config.recompile_limit = 64  # each stage's shapes compile their own graphs
     log = Logger(hp.run_id, rank == 0)
     log.header()
     log(f"world size {world_size}, gradient accumulation {8 // world_size}, {hp}")
