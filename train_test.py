@@ -298,7 +298,7 @@ def _free_port():
 @pytest.fixture(scope="module")
 def optimizer_runs():
     out_dir = tempfile.mkdtemp()
-    for world_size, sparse in ((1, False), (2, False), (4, False), (2, True), (4, True)):
+    for world_size, sparse in ((1, False), (2, False), (4, False), (2, True), (4, True), (8, True)):
         if world_size == 1:
             run_optimizer(0, 1, False, None, out_dir)
         else:
@@ -308,7 +308,7 @@ def optimizer_runs():
     return load
 
 
-@pytest.mark.parametrize("world_size,sparse", [(2, False), (4, False), (2, True), (4, True)])
+@pytest.mark.parametrize("world_size,sparse", [(2, False), (4, False), (2, True), (4, True), (8, True)])
 def test_distributed_optimizer_matches_single_process(optimizer_runs, world_size, sparse):
     single = optimizer_runs(1, False, 0)
     for rank in range(world_size):

@@ -61,6 +61,7 @@ def draw(pattern, world_size, steps, stages, rank_filter=None):
                     batch_i = gen.send((*stage_at[step], grad_accum))
                 else:
                     batch_i = next(gen)
+                assert np.array_equal(batch_i.bigram_rows, batch_i.bigram_hash.numpy())
                 slots[micro * world_size + rank] = [t.numpy() for t in batch_i[:4]]
         out.append(slots)
     return out
