@@ -4,11 +4,15 @@ Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
 Sections, in order: data, kernels, model, optimizer, schedule, main. Importing this file runs
 nothing, so tests can import its pieces.
 """
+import argparse
 import concurrent.futures
 import glob
 import math
 import os
+import subprocess
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -733,8 +737,9 @@ def attention(q, k, v, cu_seqlens, max_seq_len, window, scale):
     if not q.is_cuda:
         return reference_attention(q, k, v, cu_seqlens, window, scale)
     if flash_attn_varlen_func is not None:
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len,
-                                      softmax_scale=scale, causal=True, window_size=(window, 0))
+        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len,
+                                     softmax_scale=scale, causal=True, window_size=(window, 0))
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the logsumexp
     from torch.nn.attention.varlen import varlen_attn
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len, scale=scale,
                        window_size=(window, 0))
@@ -791,35 +796,32 @@ class GPT(nn.Module):
         bound = math.sqrt(3) * 0.5 * d ** -0.5
         kw = dict(dtype=dtype, device=device)
 
-        def param(tensor):
-            return nn.Parameter(tensor)
-
-        self.lm_head = param(torch.empty(d, vocab_size, **kw).normal_(0, 0.005))  # stored (in, out)
-        self.embed = param(self.lm_head.detach().T.contiguous())  # tied to lm_head until the split step
-        self.value_embeds = param(0.01 * torch.randn(NUM_VALUE_EMBEDS * vocab_size, d, **kw))
-        self.bigram_embed = param(torch.zeros(self.bigram_vocab_size, d, **kw))
+        self.lm_head = nn.Parameter(torch.empty(d, vocab_size, **kw).normal_(0, 0.005))  # stored (in, out)
+        self.embed = nn.Parameter(self.lm_head.detach().T.contiguous())  # tied to lm_head until the split step
+        self.value_embeds = nn.Parameter(0.01 * torch.randn(NUM_VALUE_EMBEDS * vocab_size, d, **kw))
+        self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_vocab_size, d, **kw))
         # attention bank: per layer with attention, rows [Q; K; V; O] of (d, d) each
-        self.attn_bank = param(torch.empty(NUM_LAYERS - 1, 4 * d, d, **kw).uniform_(-bound, bound))
+        self.attn_bank = nn.Parameter(torch.empty(NUM_LAYERS - 1, 4 * d, d, **kw).uniform_(-bound, bound))
         # MLP bank: [layer, c_fc / c_proj]; layer 11 pads 24 matrices to split over 8 ranks
         mlp_bank = torch.zeros(NUM_LAYERS + 1, 2, hidden, d, **kw)
         mlp_bank[:, 0].uniform_(-bound, bound)
-        self.mlp_bank = param(mlp_bank)
-        self.attn_gate_bank = param(torch.zeros(NUM_LAYERS - 1, num_heads, GATE_DIM, **kw))
-        self.ve_gate_bank = param(torch.zeros(NUM_VALUE_EMBEDS, num_heads, GATE_DIM, **kw))
-        self.smear_gate = param(torch.zeros(1, GATE_DIM, **kw))
-        self.skip_gate = param(torch.zeros(1, GATE_DIM, **kw))
+        self.mlp_bank = nn.Parameter(mlp_bank)
+        self.attn_gate_bank = nn.Parameter(torch.zeros(NUM_LAYERS - 1, num_heads, GATE_DIM, **kw))
+        self.ve_gate_bank = nn.Parameter(torch.zeros(NUM_VALUE_EMBEDS, num_heads, GATE_DIM, **kw))
+        self.smear_gate = nn.Parameter(torch.zeros(1, GATE_DIM, **kw))
+        self.skip_gate = nn.Parameter(torch.zeros(1, GATE_DIM, **kw))
         f32 = dict(dtype=torch.float32, device=device)
         post = torch.ones(NUM_LAYERS, 2, 2, **f32)  # [layer, attention / MLP, lane 0 / lane 1]
         post[TWO_LANE_LAYER:, 0, 1] = 1.5
-        self.post_lambdas = param(post)
-        self.x0_lambdas = param(torch.zeros(NUM_LAYERS, **f32))
-        self.bigram_lambdas = param(torch.full((NUM_LAYERS,), 0.05, **f32))
-        self.resid_lambdas = param(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
+        self.post_lambdas = nn.Parameter(post)
+        self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS, **f32))
+        self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05, **f32))
+        self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         scalars = torch.ones(2 * NUM_LAYERS + 3 + (-(2 * NUM_LAYERS + 3)) % world_size, **f32)
         scalars[:2 * NUM_LAYERS:2] = 0.5
         scalars[SMEAR_LAMBDA], scalars[BACKOUT_LAMBDA], scalars[SKIP_LAMBDA] = 0.0, 0.5, -1.5
-        self.scalars = param(scalars)
+        self.scalars = nn.Parameter(scalars)
         self.rotary = Rotary(head_dim, max_len, device)
 
     def attn(self, i, x, W, sa, ve, ve_gate, attn_gate, cu_seqlens, max_seq_len, window):
@@ -1159,6 +1161,7 @@ class NorMuonAdam:
         if self.world_size == 1 or self.groups[label].comms == "replicated":
             return None
         view = self._view(label).detach()
+        # the chunk is copied out: an input inside the output buffer is not safe on every backend
         return dist.all_gather_into_tensor(view, self._chunk(label, view).clone(), async_op=True)
 
     @torch.no_grad()
@@ -1297,7 +1300,6 @@ class UsageError(Exception):
 
 def parse_args(argv):
     """Every Hyperparameters field as --name value; unknown flags are an error listing the valid ones."""
-    import argparse
     fields = Hyperparameters.__dataclass_fields__
     parser = argparse.ArgumentParser(description="GPT speedrun training.", add_help=True)
     for name, field in fields.items():
@@ -1336,8 +1338,6 @@ class Logger:
 
     def header(self):
         """The script itself, versions and nvidia-smi: a log is a self-contained record."""
-        import subprocess
-        import sys
         with open(__file__) as f:
             self(f.read(), console=False)
         self("=" * 100, console=False)
@@ -1493,8 +1493,6 @@ class TrainingError(Exception):
 
 
 def main(argv=None):
-    import sys
-    import uuid
     launch_time = time.perf_counter()
     hp = parse_args(sys.argv[1:] if argv is None else argv)
     hp.run_id = hp.run_id or str(uuid.uuid4())
@@ -1517,7 +1515,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
     try:
         main()
     except (UsageError, DataError, TrainingError) as e:
