@@ -342,8 +342,9 @@ def _bench_rows():
         add(f"linear+ReLU² bwd (dpre) {tokens} tokens", lambda: tg.linear_relu_square_backward(x, w_proj, pre),
             lambda: (x @ w_proj.T) * 2 * pre.relu())
         xg, fc, proj = x.clone().requires_grad_(), w.clone().requires_grad_(), w_proj.clone().requires_grad_()
-        add(f"MLP fwd+bwd {tokens} tokens", lambda: tg.ReLUSquareMLP.apply(xg, fc, proj).sum().backward(),
-            lambda: ((xg @ fc.T).relu().square() @ proj).sum().backward())
+        grad = _bf16(tokens, 768)  # a real gradient: .sum() would hand the backward a stride-0 one
+        add(f"MLP fwd+bwd {tokens} tokens", lambda: tg.ReLUSquareMLP.apply(xg, fc, proj).backward(grad),
+            lambda: ((xg @ fc.T).relu().square() @ proj).backward(grad))
     w_head = _bf16(768, 50304, scale=0.005)
     mtp = torch.tensor([1.0, 0.5, 0.25], device="cuda")
     for tokens in (16384, 49152):
