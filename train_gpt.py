@@ -216,9 +216,8 @@ def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_st
 
 
 def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
-    """Yields MicroBatches of contiguous validation windows (not
-    BOS-aligned): slot j of each val step takes local_tokens + 1 tokens at j * local_tokens;
-    documents start at the BOS tokens of the inputs."""
+    """Yields MicroBatches of contiguous validation windows, not BOS-aligned: slot j of each val step
+    takes local_tokens + 1 tokens at j * local_tokens; documents start at the BOS tokens of the inputs."""
     step_tokens = local_tokens * world_size * grad_accum_steps
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
@@ -1311,6 +1310,9 @@ def parse_args(argv):
     hp = Hyperparameters(**vars(args))
     if hp.sparse_bigram not in ("auto", "on", "off"):
         raise UsageError(f"--sparse_bigram must be auto, on or off, not {hp.sparse_bigram!r}")
+    if hp.val_tokens <= 0 or hp.val_tokens % VAL_BATCH_TOKENS:
+        raise UsageError(f"--val_tokens must be a positive multiple of the val batch, {VAL_BATCH_TOKENS:,} tokens "
+                         f"(the record validates on {Hyperparameters.val_tokens:,}), not {hp.val_tokens:,}")
     return hp
 
 

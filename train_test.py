@@ -399,6 +399,8 @@ def test_command_line():
         tg.parse_args(["--lr", "3"])
     with pytest.raises(tg.UsageError, match="auto, on or off"):
         tg.parse_args(["--sparse_bigram", "maybe"])
+    with pytest.raises(tg.UsageError, match="multiple of the val batch, 2,097,152 tokens .* not 1,000,000"):
+        tg.parse_args(["--val_tokens", "1000000"])
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 6, 16])
