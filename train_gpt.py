@@ -712,6 +712,7 @@ class Rotary:
         """Stretch the slow frequencies for a long window growing from old_window to new_window tokens."""
         rotations = old_window * self.freqs / (2 * math.pi)
         scale = old_window / new_window
+        # frequencies turning < 1 time over the old window are stretched fully, > 32 times not at all
         ramp = ((rotations - 1) / (32 - 1)).clamp(0, 1)
         self.freqs = self.freqs * (scale + ramp * (1 - scale))
         self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
@@ -1058,7 +1059,7 @@ class NorMuonAdam:
         lr_scale = torch.full((chunk.size(0), 1, 1), group.lr_mul * max(1.0, rows / cols) ** 0.5,
                               device=chunk.device)
         if group.label == "mlp":  # c_proj matrices (odd indices of the bank view) learn twice as fast
-            first = self.rank * chunk.size(0) if self.world_size > 1 else 0
+            first = self.rank * chunk.size(0)  # index of this chunk's first matrix in the bank view
             lr_scale[(torch.arange(chunk.size(0)) + first) % 2 == 1] *= 2
         v2_shape = (chunk.size(0), rows, 1) if rows >= cols else (chunk.size(0), 1, cols)
         return {"momentum_buffer": torch.zeros_like(chunk, dtype=torch.float32),
