@@ -44,7 +44,7 @@ def shards(tmp_path):
     return str(tmp_path / "fineweb_train_*.bin")
 
 
-def draw(pattern, world_size, steps, stages, rank_filter=None):
+def draw(pattern, world_size, steps, stages):
     """Per step: all ranks' (inputs, targets, cu_seqlens, bigram) in slot order. stages: list of
     (first_step, (batch, max_seq_len)) with the first at step 0."""
     stage_at = dict(stages)
