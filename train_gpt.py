@@ -1467,8 +1467,11 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             self.apply_yarn(step)
-            stage = schedule.stage(step)
-            loss = self.train_step(step, self.micro_batches(loader, step), stage)
+            if step == 0:
+                batches = self.micro_batches(loader, 0)
+            loss = self.train_step(step, batches, schedule.stage(step))
+            if step + 1 < total_steps:  # the host builds the next step's batches while the GPU computes
+                batches = self.micro_batches(loader, step + 1)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             train_time += dt
