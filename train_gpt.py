@@ -71,16 +71,11 @@ def shard_problem(path):
 
 
 def load_shard(path):
-    """All tokens of a shard as a uint16 tensor, in pinned memory when a GPU is there."""
+    """All tokens of a shard as a uint16 array (host memory: micro-batches are gathered from it)."""
     problem = shard_problem(path)
     if problem:
         raise DataError(f"{path} {problem}. Delete it and fetch or generate it again.")
-    num_tokens = (os.path.getsize(path) - HEADER_BYTES) // 2
-    tokens = torch.empty(num_tokens, dtype=torch.uint16, pin_memory=torch.cuda.is_available())
-    with open(path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        f.readinto(tokens.numpy())
-    return tokens
+    return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
 
 
 def shard_files(pattern):
@@ -151,8 +146,7 @@ class ShardReader:
             raise DataError(f"Ran out of training data after {self.path}: the schedule needs more tokens than "
                             f"{self.pattern!r} holds ({len(self.files)} shards). Add shards: {FETCH_HINT}.")
         self.path = self.files[self.next_index]
-        self.tokens = self.next_load.result()
-        self.array = self.tokens.numpy()
+        self.array = self.next_load.result()
         self.next_index += 1
         self.next_load = (self.pool.submit(load_shard, self.files[self.next_index])
                           if self.next_index < len(self.files) else None)
@@ -222,7 +216,7 @@ def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
     files = shard_files(pattern)
-    tokens = torch.cat([load_shard(f) for f in files]).numpy()
+    tokens = np.concatenate([load_shard(f) for f in files])
     if tokens.size < val_tokens + 1:
         raise DataError(f"{pattern!r} holds {tokens.size} tokens, fewer than the {val_tokens} + 1 that validation "
                         f"needs: lower --val_tokens, or {FETCH_HINT}.")

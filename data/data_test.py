@@ -177,7 +177,7 @@ def test_shard_round_trip(tmp_path):
     header = np.fromfile(path, dtype="<i4", count=3)
     assert header.tolist() == [20240520, 1, tokens.size]
     assert tg.shard_problem(str(path)) is None
-    assert np.array_equal(tg.load_shard(str(path)).numpy(), tokens)
+    assert np.array_equal(tg.load_shard(str(path)), tokens)
 
 
 # --- validation ----------------------------------------------------------------------------------
