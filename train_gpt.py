@@ -1369,8 +1369,9 @@ class Trainer:
         return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
                                           self.grad_accum, self.rank, self.world_size, self.device)
 
-    def train_step(self, step, batches, stage):
+    def train_step(self, step, batches):
         """Forward and backward over the step's micro-batches, then the optimizer. Returns the loss."""
+        stage = self.schedule.stage(step)
         mtp = torch.tensor(self.schedule.mtp_weights(step), dtype=torch.float32).to(self.device, non_blocking=True)
         total = torch.zeros((), device=self.device)
         adam_step = self.schedule.adam_step(step)
@@ -1427,9 +1428,8 @@ class Trainer:
         for step in self.schedule.warmup_steps():
             t0 = time.perf_counter()
             self.apply_yarn(step)
-            stage = self.schedule.stage(step)
-            self.validate(stage.windows, val_batch)
-            self.train_step(step, self.micro_batches(loader, step), stage)
+            self.validate(self.schedule.stage(step).windows, val_batch)
+            self.train_step(step, self.micro_batches(loader, step))
             torch.cuda.synchronize()
             log(f"warm-up step {step}: {time.perf_counter() - t0:.1f}s")
         self.validate(FINAL_VAL_WINDOWS, val_batch)
@@ -1463,7 +1463,7 @@ class Trainer:
             self.apply_yarn(step)
             if step == 0:
                 batches = self.micro_batches(loader, 0)
-            loss = self.train_step(step, batches, schedule.stage(step))
+            loss = self.train_step(step, batches)
             if step + 1 < total_steps:  # the host builds the next step's batches while the GPU computes
                 batches = self.micro_batches(loader, step + 1)
             torch.cuda.synchronize()
@@ -1497,7 +1497,7 @@ def main(argv=None):
     hp = parse_args(sys.argv[1:] if argv is None else argv)
     hp.run_id = hp.run_id or str(uuid.uuid4())
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    check_world_size(world_size)
+    grad_accum = check_world_size(world_size)
     if "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does. Copies above 32768 elements (stage 3's micro-batches into pinned memory)
         # go to an OpenMP pool: the likely cause of 48 ms/step of host time that a plain one-GPU
@@ -1511,7 +1511,7 @@ def main(argv=None):
         dist.init_process_group("nccl", device_id=device)
     log = Logger(hp.run_id, rank == 0)
     log.header()
-    log(f"world size {world_size}, gradient accumulation {8 // world_size}, {hp}")
+    log(f"world size {world_size}, gradient accumulation {grad_accum}, {hp}")
     try:
         Trainer(hp, rank, world_size, device).train(log, launch_time)
     finally:
