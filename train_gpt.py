@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
 
 try:  # FlashAttention 3: faster on Hopper, never required
@@ -354,15 +355,27 @@ def transposed(src):
     return transpose_copy(src, src.new_empty(src.size(1), src.size(0)))
 
 
-# Fused linear + ReLU^2 (MLP up-projection), a persistent matmul with a fused epilogue.
+# Fused linear + ReLU^2 (MLP up-projection), a persistent matmul with a fused epilogue; operands
+# move through TMA tensor descriptors (Hopper's bulk copy engine), ~6-11% faster than pointer loads.
 # Forward:  acc = x @ W^T;  pre = acc,  post = relu(pre)^2 (from the rounded pre).
 # Backward: acc = g @ W_proj^T (same shape);  dpre = acc * 2 * relu(pre) (from the rounded acc).
 
 
 @triton.jit
+def _relu_square_epilogue(acc, pre_desc, out_desc, m0, n0, BACKWARD: tl.constexpr):
+    acc = acc.to(out_desc.dtype).to(tl.float32)
+    if BACKWARD:
+        pre = pre_desc.load([m0, n0]).to(tl.float32)
+        out_desc.store([m0, n0], (acc * 2.0 * tl.maximum(pre, 0.0)).to(out_desc.dtype))
+    else:
+        pre_desc.store([m0, n0], acc.to(pre_desc.dtype))
+        relu = tl.maximum(acc, 0.0)
+        out_desc.store([m0, n0], (relu * relu).to(out_desc.dtype))
+
+
+@triton.jit
 def _linear_relu_square_kernel(
-    x_ptr, w_ptr, pre_ptr, out_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pn, stride_om, stride_on,
+    x_desc, w_desc, pre_desc, out_desc, M, N, K,
     BACKWARD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -373,30 +386,15 @@ def _linear_relu_square_kernel(
         # Grouped order: consecutive tiles share rows of x, keeping them in L2.
         first_m = (tile // blocks_per_group) * GROUP_M
         group_size = min(num_blocks_m - first_m, GROUP_M)
-        block_m = first_m + (tile % blocks_per_group) % group_size
-        block_n = (tile % blocks_per_group) // group_size
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
+        m0 = (first_m + (tile % blocks_per_group) % group_size) * BLOCK_M
+        n0 = ((tile % blocks_per_group) // group_size) * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + ks) < K
-            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + (k0 + ks)[None, :] * stride_xk,
-                        mask=(rows[:, None] < M) & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[:, None] * stride_wn + (k0 + ks)[None, :] * stride_wk,
-                        mask=(cols[:, None] < N) & k_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        pre_ptrs = pre_ptr + rows[:, None].to(tl.int64) * stride_pm + cols[None, :] * stride_pn
-        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :] * stride_on
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        if BACKWARD:
-            pre = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptrs, (acc * 2.0 * tl.maximum(pre, 0.0)).to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-            relu = tl.maximum(acc, 0.0)
-            tl.store(out_ptrs, (relu * relu).to(out_ptr.dtype.element_ty), mask=mask)
+        for k0 in range(0, K, BLOCK_K):  # TMA loads zero-fill past the edges
+            acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc)
+        # The epilogue goes in two column halves: half the shared memory for the TMA stores.
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _relu_square_epilogue(left, pre_desc, out_desc, m0, n0, BACKWARD)
+        _relu_square_epilogue(right, pre_desc, out_desc, m0, n0 + BLOCK_N // 2, BACKWARD)
 
 
 def _num_sms(device):
@@ -405,15 +403,16 @@ def _num_sms(device):
 
 def _launch_linear_relu_square(x, w, pre, out, backward, block_m=128, block_n=256, block_k=64,
                                num_warps=8, num_stages=3, persistent=True):
+    x, w = x.contiguous(), w.contiguous()  # TMA needs unit inner strides (a .sum() gradient has stride 0)
     m, k = x.shape
     n = w.size(0)
     num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     num_programs = min(num_tiles, _num_sms(x.device)) if persistent else num_tiles
+    epilogue_block = [block_m, block_n // 2]
     _linear_relu_square_kernel[(num_programs,)](
-        x, w, pre, out, m, n, k,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        pre.stride(0), pre.stride(1), out.stride(0), out.stride(1),
-        BACKWARD=backward, NUM_PROGRAMS=num_programs,
+        TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]),
+        TensorDescriptor.from_tensor(pre, epilogue_block), TensorDescriptor.from_tensor(out, epilogue_block),
+        m, n, k, BACKWARD=backward, NUM_PROGRAMS=num_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -446,8 +445,11 @@ class ReLUSquareMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, c_fc, c_proj, pre, post = ctx.saved_tensors
+        # cuBLAS first: it makes the CUDA context current in autograd's thread, which building
+        # the host TMA descriptors needs (Triton's launcher would do it only after building them).
+        grad_proj = post.mT @ grad
         dpre = linear_relu_square_backward(grad, c_proj, pre)
-        return dpre @ c_fc, dpre.mT @ x, post.mT @ grad
+        return dpre @ c_fc, dpre.mT @ x, grad_proj
 
 
 # Softcapped multi-token cross-entropy. z = SOFTCAP * sigmoid((logit + SHIFT) / DIVISOR) lies in
