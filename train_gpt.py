@@ -1501,9 +1501,8 @@ def main(argv=None):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     grad_accum = check_world_size(world_size)
     if "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does. Copies above 32768 elements (stage 3's micro-batches into pinned memory)
-        # go to an OpenMP pool: the likely cause of 48 ms/step of host time that a plain one-GPU
-        # run spent there on a 64-core host, where torchrun runs did not.
+        # As torchrun does, so a plain run's host data path matches a torchrun one: copies above
+        # 32768 elements (stage 3's micro-batches) would otherwise go to an OpenMP pool of every core.
         torch.set_num_threads(1)
     if not torch.cuda.is_available():
         raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200)")
