@@ -596,15 +596,15 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 
+GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
+
+
 def gram(X, out, tall):
     """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the CUDA
     shapes where it measured faster than cuBLAS on an H200 (kernels_test.py --bench --sweep)."""
     if X.is_cuda and (X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE):
         return (XTX if tall else XXT)(X, out)
     return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
-
-
-GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
 
 
 def polar_step_matrix(A, out, b, c):
