@@ -116,6 +116,29 @@ def test_reference_attention_equals_per_document_loop():
     assert torch.allclose(out, ref)
 
 
+def test_attention_backend_choice():
+    hopper, ampere, blackwell = (9, 0), (8, 0), (10, 0)
+    choose = tg.choose_attention_backend
+    assert choose("auto", None, {"fa4", "fa3"}) == "reference"
+    assert choose("auto", hopper, {"fa4", "fa3"}) == "fa4" and choose("auto", blackwell, {"fa4"}) == "fa4"
+    assert choose("auto", hopper, {"fa3"}) == "fa3" and choose("auto", ampere, {"fa4", "fa3"}) == "fa3"
+    assert choose("auto", hopper, set()) == "torch" and choose("auto", ampere, {"fa4"}) == "torch"
+    assert choose("torch", hopper, {"fa4"}) == "torch" and choose("fa3", hopper, {"fa4", "fa3"}) == "fa3"
+    with pytest.raises(tg.UsageError, match=r"^--attention fa4 is not available here \(sm90\): it needs "
+                                            r"FlashAttention 4 .*pip install flash-attn-4==4\.0\.0b36; or use"):
+        choose("fa4", hopper, {"fa3"})
+    with pytest.raises(tg.UsageError, match=r"--attention fa4 is not available here \(sm80\)"):
+        choose("fa4", ampere, {"fa4"})
+    with pytest.raises(tg.UsageError, match=r"--attention fa3 is not available here \(sm90\): .*flash_attn_interface"):
+        choose("fa3", hopper, {"fa4"})
+    with pytest.raises(tg.UsageError, match=r"--attention torch is not available here \(no CUDA GPU\)"):
+        choose("torch", None, {"fa4", "fa3"})
+    if not GPU:  # this machine: auto falls back to the reference; a forced GPU backend is refused
+        assert tg.attention_backend("auto", "cpu") == "reference"
+        with pytest.raises(tg.UsageError, match=r"--attention fa4 is not available here \(no CUDA GPU\)"):
+            tg.attention_backend("fa4", "cpu")
+
+
 @pytest.mark.parametrize("layer", [0, 2])  # paired heads without / with value embeddings
 def test_paired_head_attention_equals_straightforward_construction(layer):
     model = tiny_model()
@@ -439,12 +462,24 @@ def fineweb_like_batch(local_tokens, max_seq_len, seed=0):
     return tg.micro_batch(buf, starts[starts < local_tokens], "cuda", "test")
 
 
+def attention_unavailable(backend):
+    """None if the attention backend runs on this GPU, else why not."""
+    try:
+        tg.attention_backend(backend, "cuda")
+    except tg.UsageError as e:
+        return str(e)
+    return None
+
+
 @needs_gpu
-@pytest.mark.parametrize("stage", [0, 2])
-def test_full_model_compiles_without_graph_breaks(stage):
+@pytest.mark.parametrize("stage,backend", [(0, "fa4"), (2, "fa4"), (2, "fa3"), (2, "torch")])
+def test_full_model_compiles_without_graph_breaks(stage, backend):
+    problem = attention_unavailable(backend)
+    if problem:
+        pytest.skip(problem)
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
-    model = tg.GPT(device="cuda")
+    model = tg.GPT(device="cuda", attention=backend)
     compiled = torch.compile(model, fullgraph=True, dynamic=False)  # raises on a graph break
     st = tg.STAGES[stage]
     batch = fineweb_like_batch(st.batch_tokens // 8, st.max_seq_len)
@@ -458,21 +493,37 @@ def test_full_model_compiles_without_graph_breaks(stage):
         val = fineweb_like_batch(262144, 262144, seed=1)
         val_loss = compiled(*val[:4], 262144, st.windows)
     assert abs(val_loss.item() - math.log(50304)) < 0.5
-    print(f"stage {stage + 1}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(f"stage {stage + 1}, attention {backend}: peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 @needs_gpu
-@pytest.mark.parametrize("window", [128, 384, 1408])
-@pytest.mark.parametrize("paired", [False, True])
-def test_varlen_attention_matches_reference(window, paired):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("window", [128, 640, 1408, 2560])  # short and long windows, the final validation's
+@pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
+@pytest.mark.parametrize("backend", ["fa4", "fa3", "torch"])
+def test_attention_backend_matches_reference(backend, paired, window, compiled):
+    """Output and dq, dk, dv of each backend against fp32 reference attention on the same bf16 inputs."""
+    problem = attention_unavailable(backend)
+    if problem:
+        pytest.skip(problem)
     T, max_len = 4096, 2048
     batch = fineweb_like_batch(T, max_len, seed=window)
-    cu = batch.cu_seqlens * (2 if paired else 1)
-    n = T * (2 if paired else 1)
-    q, k, v = (torch.randn(n, 6 // (2 if paired else 1), 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = tg.attention(q, k, v, cu, max_len * (2 if paired else 1), window, 0.12)
-    ref = tg.reference_attention(q.float(), k.float(), v.float(), cu, window, 0.12)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    scale = 2 if paired else 1  # paired layers: 3 heads at doubled positions
+    cu, n, heads = batch.cu_seqlens * scale, T * scale, 6 // scale
+    qkv = torch.randn(n, 3, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # as the model's
+    grad_out = torch.randn(n, heads, 128, device="cuda", dtype=torch.bfloat16)
+
+    def run(qkv):
+        return tg.attention(*qkv.unbind(1), cu, max_len * scale, window, 0.12, backend)
+    out = (torch.compile(run, fullgraph=True, dynamic=False) if compiled else run)(qkv)
+    grad = torch.autograd.grad(out, qkv, grad_out)[0]
+    qkv_ref = qkv.detach().float().requires_grad_()
+    ref = tg.reference_attention(*qkv_ref.unbind(1), cu, window, 0.12)
+    ref_grad = torch.autograd.grad(ref, qkv_ref, grad_out.float())[0]
+    pairs = [("out", out, ref)] + [(name, grad[:, i], ref_grad[:, i]) for i, name in enumerate(("dq", "dk", "dv"))]
+    for name, got, want in pairs:
+        assert torch.isfinite(got).all(), name
+        assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, name
 
 
 @needs_gpu
