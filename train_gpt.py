@@ -9,11 +9,12 @@ import concurrent.futures
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import numpy as np
@@ -41,10 +42,12 @@ except ImportError:
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_WORDS
 BOS_ID = 50256
+GPT2_VOCAB_SIZE = 50257  # a shard's token ids lie below this
 VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128
 BIGRAM_VOCAB_SIZE = 5 * VOCAB_SIZE
 SLOTS_PER_STEP = 8  # world_size * grad_accum_steps, for every world size
 SYNC_BOS_INDEX_TOKENS = 6_000_000  # a fresh shard's BOS index covers this much at once, the rest in the background
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # defaults do not depend on the cwd
 FETCH_HINT = ("fetch FineWeb with `python data/cached_fineweb10B.py 9`, or make synthetic shards with "
               "`python data/synthetic.py` and pass --train_files / --val_files")
 
@@ -66,11 +69,14 @@ def shard_problem(path):
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            raw = f.read(HEADER_BYTES)
     except OSError as e:
         return f"cannot be read ({e.strerror})"
-    if header.size < HEADER_WORDS or header[0] != SHARD_MAGIC:
-        return f"is not a token shard (magic {header[0] if header.size else 'missing'}, expected {SHARD_MAGIC})"
+    if len(raw) < HEADER_BYTES:
+        return f"is too short to be a token shard ({size} bytes; the header alone is {HEADER_BYTES})"
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != SHARD_MAGIC:
+        return f"is not a token shard (magic {header[0]}, expected {SHARD_MAGIC})"
     if header[1] != SHARD_VERSION:
         return f"has shard version {header[1]}, expected {SHARD_VERSION}"
     expected = HEADER_BYTES + 2 * int(header[2])
@@ -79,12 +85,21 @@ def shard_problem(path):
     return None
 
 
-def load_shard(path):
-    """All tokens of a shard as a uint16 array (host memory: micro-batches are gathered from it)."""
+def check_shard(path):
     problem = shard_problem(path)
     if problem:
         raise DataError(f"{path} {problem}. Delete it and fetch or generate it again.")
-    return np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+
+
+def load_shard(path):
+    """All tokens of a shard as a uint16 array (host memory: micro-batches are gathered from it)."""
+    check_shard(path)
+    tokens = np.fromfile(path, dtype="<u2", offset=HEADER_BYTES)
+    if tokens.size and tokens.max() >= GPT2_VOCAB_SIZE:  # out-of-vocabulary ids would index past the logits
+        position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
+        raise DataError(f"{path} holds token id {tokens[position]} at position {position}: ids must be below "
+                        f"{GPT2_VOCAB_SIZE} (GPT-2's vocabulary). It is not a GPT-2 shard: fetch or generate it again.")
+    return tokens
 
 
 def shard_files(pattern):
@@ -97,6 +112,12 @@ def shard_files(pattern):
 def max_num_docs(local_tokens):
     """Fixed length of cu_seqlens: L // 300 rounded up to a multiple of 128 (static shapes for compile)."""
     return 128 * max(1, -(-(local_tokens // 300) // 128))
+
+
+def check_doc_count(num_docs, local_tokens, path):
+    if num_docs + 1 > max_num_docs(local_tokens):
+        raise DataError(f"{path}: a micro-batch of {local_tokens} tokens holds {num_docs} documents, more than the "
+                        f"{max_num_docs(local_tokens) - 1} its cu_seqlens holds (one per 300 tokens). Use shards with longer documents, or raise max_num_docs() in train_gpt.py.")
 
 
 def bigram_hash(x, bigram_vocab_size=BIGRAM_VOCAB_SIZE):
@@ -123,11 +144,8 @@ class MicroBatch(NamedTuple):
 def micro_batch(buf, doc_starts, device, path):
     """One rank's micro-step from L + 1 tokens buf (int32) whose documents start at doc_starts."""
     local_tokens = buf.size - 1
+    check_doc_count(len(doc_starts), local_tokens, path)
     cu_seqlens = np.full(max_num_docs(local_tokens), local_tokens, dtype=np.int32)
-    if len(doc_starts) + 1 > cu_seqlens.size:
-        raise DataError(f"{path}: a micro-batch of {local_tokens} tokens holds {len(doc_starts)} documents, more than "
-                        f"the {cu_seqlens.size - 1} that max_num_docs allows. Shards with such short documents "
-                        "need a larger max_num_docs.")
     cu_seqlens[:len(doc_starts)] = doc_starts
     inputs, hashes = buf[:-1], bigram_hash(buf[:-1])
     host = (torch.from_numpy(inputs), torch.from_numpy(buf[1:].astype(np.int64)), torch.from_numpy(cu_seqlens),
@@ -137,9 +155,13 @@ def micro_batch(buf, doc_starts, device, path):
     return MicroBatch(*(t.to(device, non_blocking=True) for t in host), hashes)
 
 
+class OutOfTrainingData(DataError):
+    pass
+
+
 class ShardReader:
-    """Walks the training shards in order; loads the next shard and BOS-indexes the current one in
-    background threads."""
+    """Walks the training shards in order, one step of BOS-aligned slots at a time; loads the next
+    shard and BOS-indexes the current one in background threads."""
 
     def __init__(self, pattern):
         self.pattern = pattern
@@ -152,16 +174,37 @@ class ShardReader:
     def advance(self):
         """Switch to the next shard (already loading) and start loading the one after it."""
         if self.next_load is None:
-            raise DataError(f"Ran out of training data after {self.path}: the schedule needs more tokens than "
-                            f"{self.pattern!r} holds ({len(self.files)} shards). Add shards: {FETCH_HINT}.")
+            raise OutOfTrainingData(f"Ran out of training data after {self.path}: the schedule needs more tokens "
+                                    f"than {self.pattern!r} holds ({len(self.files)} shards). Add shards: {FETCH_HINT}.")
         self.path = self.files[self.next_index]
         self.array = self.next_load.result()
         self.next_index += 1
         self.next_load = (self.pool.submit(load_shard, self.files[self.next_index])
                           if self.next_index < len(self.files) else None)
+        self.cursor = 0  # the next document to draw
         self.bos = np.flatnonzero(self.array[:SYNC_BOS_INDEX_TOKENS] == BOS_ID)
         self.bos_complete = self.array.size <= SYNC_BOS_INDEX_TOKENS
         self.full_bos = None if self.bos_complete else self.pool.submit(np.flatnonzero, self.array == BOS_ID)
+        if self.bos.size < 2 and not self.bos_complete:
+            self.bos, self.bos_complete = self.full_bos.result(), True
+        if self.bos.size < 2:
+            raise DataError(f"{self.path} holds {self.bos.size} BOS tokens ({BOS_ID}), so no complete document: every "
+                            "document must start with BOS. It is not a FineWeb-format shard: fetch or generate it again.")
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def next_step(self, local_tokens, max_seq_len):
+        """The 8 slots of the next step (see plan_step), from this shard or, when its documents run
+        out, from the next: a step never spans two shards, the old shard's tail is dropped."""
+        plan = plan_step(self, self.cursor, local_tokens, max_seq_len)
+        while plan is None:
+            self.advance()
+            plan = plan_step(self, 0, local_tokens, max_seq_len)
+        slots, self.cursor = plan
+        for segments in slots:
+            check_doc_count(len(segments), local_tokens, self.path)
+        return slots
 
     def document_end(self, doc):
         """End of document number doc of this shard (the next BOS), or None past the last full one."""
@@ -197,25 +240,43 @@ def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_st
     the next steps to a new stage and returns that step's first micro-batch.
     """
     shard = ShardReader(pattern)
-    cursor = 0
-    while True:
-        if world_size * grad_accum_steps != SLOTS_PER_STEP or batch_tokens % SLOTS_PER_STEP:
-            raise ValueError(f"world_size * grad_accum_steps must be {SLOTS_PER_STEP} and the batch a multiple of it")
-        local_tokens = batch_tokens // SLOTS_PER_STEP
-        plan = plan_step(shard, cursor, local_tokens, max_seq_len)
-        while plan is None:  # a step never spans two shards: drop the old shard's tail
-            shard.advance()
-            plan = plan_step(shard, 0, local_tokens, max_seq_len)
-        slots, cursor = plan
-        for micro_step in range(grad_accum_steps):
-            segments = slots[micro_step * world_size + rank]
-            buf = np.concatenate([shard.array[a:b] for a, b in segments]).astype(np.int32)
-            doc_starts = np.cumsum([0] + [b - a for a, b in segments[:-1]])
-            new_stage = yield micro_batch(buf, doc_starts, device, shard.path)
-            if new_stage is not None:
-                if micro_step != grad_accum_steps - 1:
-                    raise ValueError("a new stage can only be sent after the last micro-step of a step")
-                batch_tokens, max_seq_len, grad_accum_steps = new_stage
+    try:
+        while True:
+            if world_size * grad_accum_steps != SLOTS_PER_STEP or batch_tokens % SLOTS_PER_STEP:
+                raise ValueError(f"world_size * grad_accum_steps must be {SLOTS_PER_STEP} and the batch a multiple "
+                                 "of it")
+            slots = shard.next_step(batch_tokens // SLOTS_PER_STEP, max_seq_len)
+            for micro_step in range(grad_accum_steps):
+                segments = slots[micro_step * world_size + rank]
+                buf = np.concatenate([shard.array[a:b] for a, b in segments]).astype(np.int32)
+                doc_starts = np.cumsum([0] + [b - a for a, b in segments[:-1]])
+                new_stage = yield micro_batch(buf, doc_starts, device, shard.path)
+                if new_stage is not None:
+                    if micro_step != grad_accum_steps - 1:
+                        raise ValueError("a new stage can only be sent after the last micro-step of a step")
+                    batch_tokens, max_seq_len, grad_accum_steps = new_stage
+    finally:
+        shard.close()
+
+
+def shard_tokens(path):
+    """The token count of a well-formed shard, from its header."""
+    check_shard(path)
+    return int(np.fromfile(path, dtype="<i4", count=3)[2])
+
+
+def validation_files(pattern, val_tokens):
+    """The first files of the pattern (sorted) that hold the val_tokens + 1 tokens validation reads."""
+    files, total = [], 0
+    for path in shard_files(pattern):
+        if total >= val_tokens + 1:
+            break
+        files.append(path)
+        total += shard_tokens(path)
+    if total < val_tokens + 1:
+        raise DataError(f"{pattern!r} holds {total:,} tokens, fewer than the {val_tokens:,} + 1 that validation "
+                        f"reads: lower --val_tokens, or {FETCH_HINT}.")
+    return files
 
 
 def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
@@ -224,11 +285,8 @@ def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank
     step_tokens = local_tokens * world_size * grad_accum_steps
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
-    files = shard_files(pattern)
+    files = validation_files(pattern, val_tokens)
     tokens = np.concatenate([load_shard(f) for f in files])
-    if tokens.size < val_tokens + 1:
-        raise DataError(f"{pattern!r} holds {tokens.size} tokens, fewer than the {val_tokens} + 1 that validation "
-                        f"needs: lower --val_tokens, or {FETCH_HINT}.")
     for step_start in range(0, val_tokens, step_tokens):
         for micro_step in range(grad_accum_steps):
             start = step_start + (micro_step * world_size + rank) * local_tokens
@@ -1346,6 +1404,12 @@ class Schedule:
         self.starts = [round(k * num_scheduled / 3) for k in range(3)] + [num_scheduled]  # 0/483/967/1450
         self.split_step = self.starts[2]  # embed and lm_head separate after this step's update
 
+    def stage_ranges(self):
+        """(name, first step, end step) of every stage that has steps, the extension last."""
+        ends = self.starts[1:] + [self.total]
+        return [(f"stage {i + 1}" if i < 3 else "extension", first, end)
+                for i, (first, end) in enumerate(zip(self.starts, ends)) if end > first]
+
     def stage_index(self, step):
         """0, 1, 2 for the stages, 3 for the extension."""
         return sum(step >= s for s in self.starts[1:])
@@ -1387,40 +1451,102 @@ class Schedule:
 # Main: torchrun (or plain python, one process) on a world size that divides 8.
 
 
+def hyperparameter(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Hyperparameters:
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
-    val_tokens: int = 10_485_760  # validate on this many tokens: the record's rule
-    num_scheduled_iterations: int = 1450
-    num_extension_iterations: int = 40
-    val_loss_every: int = 250  # 0: validate only at the end
-    sparse_bigram: str = "auto"  # the sparse bigram gradient exchange: auto (8 GPUs, no accumulation), on, off
-    attention: str = "auto"  # auto (the fastest installed), fa4, fa3 or torch
-    save_checkpoint: bool = False
-    run_id: str = ""  # log file name (default: a fresh uuid)
-    seed: int = 0
+    train_files: str = hyperparameter(os.path.join(DATA_DIR, "fineweb10B", "fineweb_train_*.bin"),
+                                      "training shards (a glob), read in sorted order")
+    val_files: str = hyperparameter(os.path.join(DATA_DIR, "fineweb10B", "fineweb_val_*.bin"),
+                                    "validation shards (a glob): the first val_tokens + 1 tokens are read")
+    val_tokens: int = hyperparameter(10_485_760, f"validation tokens, a multiple of {VAL_BATCH_TOKENS:,}; "
+                                                 "the record's rule is 10,485,760")
+    num_scheduled_iterations: int = hyperparameter(1450, "steps of the three-stage schedule (at least 3)")
+    num_extension_iterations: int = hyperparameter(40, "steps after it, at the last stage's batch, longer windows")
+    val_loss_every: int = hyperparameter(250, "validate every this many steps, outside the clock (0: only at the end)")
+    attention: str = hyperparameter("auto", "attention backend: auto is the fastest one installed")
+    sparse_bigram: str = hyperparameter("auto", "send only the touched rows of the bigram gradient between GPUs "
+                                                "(auto: with 8 GPUs and no gradient accumulation)")
+    adam_lr: float = hyperparameter(0.008, "Adam learning rate (times each group's lr_mul in PARAM_GROUPS)")
+    adam_weight_decay: float = hyperparameter(0.005, "Adam cautious weight decay (times lr^2 and wd_mul)")
+    adam_eps: float = hyperparameter(1e-10, "Adam epsilon")
+    muon_lr: float = hyperparameter(0.023, "NorMuon learning rate of the attention and MLP matrices")
+    muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr)")
+    muon_beta2: float = hyperparameter(0.95, "NorMuon second-moment decay of the variance reduction")
+    save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
+    run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file (default: a fresh uuid)")
+    seed: int = hyperparameter(0, "seed of the model's initialisation")
+
+
+CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off")}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block and exit code 2
+        raise UsageError(f"{message} (python train_gpt.py --help lists the flags)")
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false (or the bare flag), not {text!r}")
+    return text.lower() == "true"
 
 
 def parse_args(argv):
-    """Every Hyperparameters field as --name value; unknown flags are an error listing the valid ones."""
-    fields = Hyperparameters.__dataclass_fields__
-    parser = argparse.ArgumentParser(description="GPT speedrun training.", add_help=True)
-    for name, field in fields.items():
-        kind = {bool: lambda v: v.lower() in ("1", "true", "yes", "on"), int: int, str: str}[type(field.default)]
-        parser.add_argument(f"--{name}", type=kind, default=field.default)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise UsageError(f"unknown argument(s) {' '.join(unknown)}; valid: {' '.join('--' + n for n in fields)}")
-    hp = Hyperparameters(**vars(args))
-    if hp.attention not in ATTENTION_BACKENDS:
-        raise UsageError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {hp.attention!r}")
-    if hp.sparse_bigram not in ("auto", "on", "off"):
-        raise UsageError(f"--sparse_bigram must be auto, on or off, not {hp.sparse_bigram!r}")
+    """(Hyperparameters, check): every field as --name value, and whether --check was given."""
+    parser = ArgumentParser(description="Train a GPT-2-small-class model, the speedrun way. Launch with "
+                            "torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs).",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--check", action="store_true",
+                        help="check the arguments and every data file, print the plan and exit (needs no GPU)")
+    for spec in fields(Hyperparameters):
+        kind = {bool: parse_bool, int: int, float: float, str: str}[type(spec.default)]
+        extra = dict(nargs="?", const=True) if kind is parse_bool else dict(choices=CHOICES.get(spec.name))
+        parser.add_argument(f"--{spec.name}", type=kind, default=spec.default, help=spec.metadata["help"], **extra)
+    args = vars(parser.parse_args(argv))
+    check = args.pop("check")
+    return Hyperparameters(**args), check
+
+
+def check_arguments(hp, world_size):
+    """The values argparse cannot judge alone."""
+    problems = []
     if hp.val_tokens <= 0 or hp.val_tokens % VAL_BATCH_TOKENS:
-        raise UsageError(f"--val_tokens must be a positive multiple of the val batch, {VAL_BATCH_TOKENS:,} tokens "
-                         f"(the record validates on {Hyperparameters.val_tokens:,}), not {hp.val_tokens:,}")
-    return hp
+        problems.append(f"--val_tokens must be a positive multiple of the val batch, {VAL_BATCH_TOKENS:,} tokens "
+                        f"(the record validates on {Hyperparameters.val_tokens:,}), not {hp.val_tokens:,}")
+    if hp.num_scheduled_iterations < 3:
+        problems.append(f"--num_scheduled_iterations must be at least 3 (a step per stage), "
+                        f"not {hp.num_scheduled_iterations}")
+    for name in ("num_extension_iterations", "val_loss_every"):
+        if getattr(hp, name) < 0:
+            problems.append(f"--{name} must be 0 or more, not {getattr(hp, name)}")
+    for name in ("adam_lr", "adam_eps", "muon_lr"):
+        if not getattr(hp, name) > 0 or math.isinf(getattr(hp, name)):
+            problems.append(f"--{name} must be a positive number, not {getattr(hp, name)}")
+    for name in ("adam_weight_decay", "muon_weight_decay"):
+        if not getattr(hp, name) >= 0 or math.isinf(getattr(hp, name)):
+            problems.append(f"--{name} must be 0 or a positive number, not {getattr(hp, name)}")
+    if not 0 <= hp.muon_beta2 < 1:
+        problems.append(f"--muon_beta2 must lie in [0, 1), not {hp.muon_beta2}")
+    if hp.sparse_bigram == "on" and world_size == 1:
+        problems.append("--sparse_bigram on exchanges gradients between GPUs, and this run has one: use auto or off")
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", hp.run_id) or hp.run_id.startswith("."):
+        problems.append(f"--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not {hp.run_id!r}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def launch_environment():
+    """(rank, world size, local rank) from torchrun's variables; one process when they are unset."""
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, str(default))
+        if not text.strip().isdigit():
+            raise UsageError(f"{name}={text!r} is not a whole number: launch with torchrun, or unset it")
+        values[name] = int(text)
+    return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
 
 
 def check_world_size(world_size):
@@ -1429,12 +1555,50 @@ def check_world_size(world_size):
     return 8 // world_size
 
 
+def log_path(run_id):
+    return os.path.join("logs", f"{run_id}.txt")
+
+
+def preflight(hp, world_size):
+    """Check every data file and walk the whole schedule's batches as the loader will draw them, on
+    the CPU, before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
+    schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
+    train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
+    shared = sorted(set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)))
+    if shared:
+        raise DataError(f"{len(shared)} file(s) match both --train_files and --val_files ({shared[0]}): validation "
+                        "would score training tokens. Give the two patterns disjoint files.")
+    available = sum(shard_tokens(path) for path in train_files)  # every header and size, used or not
+    for path in val_files:
+        load_shard(path)  # token ids
+    lines = [f"plan: {schedule.total} steps, world size {world_size} (gradient accumulation {8 // world_size})"]
+    reader, drawn = ShardReader(hp.train_files), 0
+    try:
+        for name, first, end in schedule.stage_ranges():
+            stage = schedule.stage(first)
+            for step in range(first, end):
+                reader.next_step(stage.batch_tokens // SLOTS_PER_STEP, stage.max_seq_len)
+            drawn += (end - first) * (stage.batch_tokens + SLOTS_PER_STEP)
+            lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
+                         f"{stage.max_seq_len}, windows {128 * stage.windows[0]}/{128 * stage.windows[1]}")
+    except OutOfTrainingData:
+        raise DataError(f"{hp.train_files!r} runs out at step {step} of {schedule.total}: its {len(train_files)} "
+                        f"shard(s) hold {available:,} tokens. Add shards ({FETCH_HINT}), or shorten the "
+                        "schedule.") from None
+    finally:
+        reader.close()
+    lines.append(f"  train: {reader.next_index} of the {len(train_files)} shard(s) of {hp.train_files!r}, "
+                 f"{drawn:,} tokens drawn (a shard's tail that cannot hold a whole step is skipped)")
+    lines.append(f"  val: {hp.val_tokens:,} + 1 tokens from {len(val_files)} shard(s) of {hp.val_files!r}")
+    return lines
+
+
 class Logger:
     """Rank 0 prints and appends to logs/<run_id>.txt; other ranks stay silent."""
 
     def __init__(self, run_id, master):
         self.master = master
-        self.path = os.path.join("logs", f"{run_id}.txt")
+        self.path = log_path(run_id)
         if master:
             os.makedirs("logs", exist_ok=True)
 
@@ -1472,7 +1636,9 @@ class Trainer:
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        self.optimizer = NorMuonAdam(self.model, rank, world_size, sparse_bigram=sparse)
+        self.optimizer = NorMuonAdam(self.model, rank, world_size, sparse_bigram=sparse, adam_lr=hp.adam_lr,
+                                     adam_eps=hp.adam_eps, adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr,
+                                     muon_beta2=hp.muon_beta2, muon_weight_decay=hp.muon_weight_decay)
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True)
         self.val_local_tokens = VAL_BATCH_TOKENS // SLOTS_PER_STEP
 
@@ -1584,14 +1750,13 @@ class Trainer:
             step_times[schedule.stage_index(step)].append(dt)
             if not math.isfinite(loss.item()):
                 raise TrainingError(f"the training loss is {loss.item()} at step {step}: stopping. Lower the "
-                                    "learning rates or check the data.")
+                                    f"learning rates (--adam_lr {self.hp.adam_lr}, --muon_lr {self.hp.muon_lr}) or "
+                                    "check the data.")
             log(f"step:{step + 1}/{total_steps} train_time:{1000 * train_time:.0f}ms "
                 f"step_avg:{1000 * train_time / (step + 1):.2f}ms")
-        for i, times in enumerate(step_times):
-            if times:
-                name = f"stage {i + 1}" if i < 3 else "extension"
-                log(f"{name} (steps {schedule.starts[i]}-{schedule.starts[i] + len(times) - 1}): "
-                    f"{1000 * sum(times) / len(times):.1f} ms/step")
+        for name, first, end in schedule.stage_ranges():
+            times = step_times[schedule.stage_index(first)]
+            log(f"{name} (steps {first}-{end - 1}): {1000 * sum(times) / len(times):.1f} ms/step")
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         if self.hp.save_checkpoint:
@@ -1602,23 +1767,39 @@ class Trainer:
 
 def main(argv=None):
     launch_time = time.perf_counter()
-    hp = parse_args(sys.argv[1:] if argv is None else argv)
-    hp.run_id = hp.run_id or str(uuid.uuid4())
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    hp, check = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world_size, local_rank = launch_environment()
     grad_accum = check_world_size(world_size)
+    check_arguments(hp, world_size)
+    hp.run_id = hp.run_id or str(uuid.uuid4())
+    if rank == 0 and os.path.exists(log_path(hp.run_id)):
+        raise UsageError(f"{log_path(hp.run_id)} exists: each run gets its own log, so choose another --run_id")
+    t0 = time.perf_counter()
+    plan = preflight(hp, world_size)
+    plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
+    if check:
+        print("\n".join(plan))
+        return
     if "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does, so a plain run's host data path matches a torchrun one: copies above
         # 32768 elements (stage 3's micro-batches) would otherwise go to an OpenMP pool of every core.
         torch.set_num_threads(1)
     if not torch.cuda.is_available():
-        raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200)")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
+                         "--check validates the data without one")
+    device = torch.device("cuda", local_rank)
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: the kernels need sm90 or newer "
+                         "(Hopper: H100 / H200), for TMA descriptors and FP8 matrix products")
     torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl", device_id=device)
     log = Logger(hp.run_id, rank == 0)
     log.header()
     log(f"world size {world_size}, gradient accumulation {grad_accum}, {hp}")
+    for line in plan:
+        log(line)
     try:
         trainer = Trainer(hp, rank, world_size, device)
         log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
@@ -1628,9 +1809,16 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def is_secondary_rank():
+    """Ranks above 0 fail exactly as rank 0 does: only rank 0 prints the message."""
+    rank = os.environ.get("RANK", "0").strip()
+    return rank.isdigit() and int(rank) > 0
+
+
 if __name__ == "__main__":
     try:
         main()
     except (UsageError, DataError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not is_secondary_rank():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -3,6 +3,7 @@ the optimizer against independent references, and the distributed optimizer with
 4 processes. GPU tests (full-size compiled model, varlen attention, FP8 loss, NCCL) skip on CPU."""
 import math
 import os
+import sys
 import tempfile
 import zlib
 
@@ -414,16 +415,63 @@ def test_adam_steps_and_the_split_step():
 
 
 def test_command_line():
-    hp = tg.parse_args(["--num_scheduled_iterations", "150", "--val_tokens", "2097152",
-                        "--train_files", "x/*.bin", "--save_checkpoint", "true"])
-    assert (hp.num_scheduled_iterations, hp.val_tokens, hp.train_files, hp.save_checkpoint) == (150, 2097152, "x/*.bin", True)
-    assert hp.num_extension_iterations == 40 and hp.val_files.endswith("fineweb_val_*.bin")
-    with pytest.raises(tg.UsageError, match=r"unknown argument\(s\) --lr 3; valid: --train_files .*--seed"):
+    hp, check = tg.parse_args(["--num_scheduled_iterations", "150", "--val_tokens", "2097152",
+                               "--train_files", "x/*.bin", "--save_checkpoint", "--adam_lr", "0.004"])
+    assert (hp.num_scheduled_iterations, hp.val_tokens, hp.train_files, hp.save_checkpoint, hp.adam_lr, check) == (
+        150, 2097152, "x/*.bin", True, 0.004, False)
+    assert hp.num_extension_iterations == 40 and hp.val_files == os.path.join(tg.DATA_DIR, "fineweb10B",
+                                                                              "fineweb_val_*.bin")
+    assert tg.parse_args(["--save_checkpoint", "False", "--check"]) == (tg.Hyperparameters(), True)
+    for value in ("maybe", "ture", "y", "1"):
+        with pytest.raises(tg.UsageError, match=f"^argument --save_checkpoint: expected true or false .*not '{value}'"):
+            tg.parse_args(["--save_checkpoint", value])
+    with pytest.raises(tg.UsageError, match=r"^unrecognized arguments: --lr 3 \(python train_gpt.py --help lists"):
         tg.parse_args(["--lr", "3"])
-    with pytest.raises(tg.UsageError, match="auto, on or off"):
+    with pytest.raises(tg.UsageError, match="unrecognized arguments: --val 3"):  # no abbreviations
+        tg.parse_args(["--val", "3"])
+    with pytest.raises(tg.UsageError, match="argument --sparse_bigram: invalid choice: 'maybe'"):
         tg.parse_args(["--sparse_bigram", "maybe"])
-    with pytest.raises(tg.UsageError, match="multiple of the val batch, 2,097,152 tokens .* not 1,000,000"):
-        tg.parse_args(["--val_tokens", "1000000"])
+    with pytest.raises(tg.UsageError, match="argument --attention: invalid choice: 'fa2'"):
+        tg.parse_args(["--attention", "fa2"])
+    with pytest.raises(tg.UsageError, match="argument --num_scheduled_iterations: invalid int value: '1e3'"):
+        tg.parse_args(["--num_scheduled_iterations", "1e3"])
+
+
+def test_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tg.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exit_info.value.code == 0
+    for spec in tg.fields(tg.Hyperparameters):
+        assert f"--{spec.name}" in text and " ".join(spec.metadata["help"].split()) in text
+    assert "--check" in text and "(default: 0.008)" in text and "(default: 1450)" in text
+
+
+@pytest.mark.parametrize("argv,world_size,message", [
+    (["--val_tokens", "1000000"], 1, r"--val_tokens must be a positive multiple of the val batch, 2,097,152 tokens "
+                                     r"\(the record validates on 10,485,760\), not 1,000,000"),
+    (["--num_scheduled_iterations", "0"], 1, "--num_scheduled_iterations must be at least 3 .*not 0"),
+    (["--num_scheduled_iterations", "-5"], 1, "--num_scheduled_iterations must be at least 3 .*not -5"),
+    (["--num_extension_iterations", "-1"], 1, "--num_extension_iterations must be 0 or more, not -1"),
+    (["--val_loss_every", "-1"], 1, "--val_loss_every must be 0 or more, not -1"),
+    (["--muon_lr", "nan"], 1, "--muon_lr must be a positive number, not nan"),
+    (["--adam_lr", "0"], 1, "--adam_lr must be a positive number, not 0.0"),
+    (["--muon_weight_decay", "-1"], 1, "--muon_weight_decay must be 0 or a positive number, not -1.0"),
+    (["--muon_beta2", "1"], 1, r"--muon_beta2 must lie in \[0, 1\), not 1.0"),
+    (["--sparse_bigram", "on"], 1, "--sparse_bigram on exchanges gradients between GPUs, and this run has one"),
+    (["--run_id", "a/b"], 1, "--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not 'a/b'"),
+    (["--run_id", ".."], 1, "--run_id names a file in logs/"),
+])
+def test_bad_arguments(argv, world_size, message):
+    hp, _ = tg.parse_args(argv)
+    with pytest.raises(tg.UsageError, match=f"^{message}"):
+        tg.check_arguments(hp, world_size)
+
+
+def test_good_arguments_pass():
+    hp, _ = tg.parse_args(["--sparse_bigram", "on", "--run_id", "my-run_1.2", "--num_scheduled_iterations", "3",
+                           "--num_extension_iterations", "0", "--val_loss_every", "0"])
+    tg.check_arguments(hp, 2)
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 6, 16])
@@ -432,20 +480,69 @@ def test_world_size_must_divide_8(world_size):
         tg.check_world_size(world_size)
 
 
-def test_script_errors_are_one_line(tmp_path):
+@pytest.mark.parametrize("name,value", [("WORLD_SIZE", "abc"), ("RANK", "x"), ("LOCAL_RANK", "-1")])
+def test_launch_environment_must_be_numbers(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(tg.UsageError, match=f"^{name}='{value}' is not a whole number: launch with torchrun, or unset"):
+        tg.launch_environment()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Synthetic shards for a 3 + 0 step schedule (about 0.8M tokens) and 2,097,152 val tokens."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    import synthetic
+    root = tmp_path_factory.mktemp("small_data")
+    synthetic.main(["--out", str(root), "--train-shards", "2", "--shard-tokens", "1000000",
+                    "--val-tokens", str(tg.VAL_BATCH_TOKENS + 1)])
+    return ["--train_files", str(root / "fineweb_train_*.bin"), "--val_files", str(root / "fineweb_val_*.bin"),
+            "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3",
+            "--num_extension_iterations", "0"]
+
+
+def test_check_prints_the_plan(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tg.main(small_data + ["--check"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "plan: 3 steps, world size 1 (gradient accumulation 8)"
+    assert out[1] == "  stage 1: steps 0-0, 131,072 tokens/step, documents cut at 896, windows 128/384"
+    assert out[3] == "  stage 3: steps 2-2, 393,216 tokens/step, documents cut at 2048, windows 640/1408"
+    assert out[4].startswith("  train: 1 of the 2 shard(s) of ") and "786,456 tokens drawn" in out[4]
+    assert out[5].startswith("  val: 2,097,152 + 1 tokens from 1 shard(s)")
+    assert out[6].startswith("pre-flight checks passed in ") and not os.path.exists("logs")
+
+
+def test_a_used_run_id_is_refused(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("logs")
+    open(os.path.join("logs", "taken.txt"), "w").close()
+    with pytest.raises(tg.UsageError, match=r"^logs/taken.txt exists: each run gets its own log, so choose another"):
+        tg.main(small_data + ["--run_id", "taken", "--check"])
+
+
+def run_script(args, cwd, **env):
     import subprocess
-    import sys
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt.py")
-    env = {**os.environ, "WORLD_SIZE": "3"}
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        "error: world size 3 does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8"]
-    out = subprocess.run([sys.executable, script, "--nope"], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr and "unknown argument(s) --nope" in out.stderr
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **env})
+
+
+def test_script_errors_are_one_line(small_data, tmp_path):
+    """From the command line: exit code 1 and one line on stderr, no traceback; --check exits 0."""
+    cases = [([], dict(WORLD_SIZE="3"), "world size 3 does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8"),
+             (["--nope"], {}, "unrecognized arguments: --nope (python train_gpt.py --help lists the flags)"),
+             ([], dict(RANK="x"), "RANK='x' is not a whole number: launch with torchrun, or unset it"),
+             (small_data + ["--num_scheduled_iterations", "300"], {},
+              f"{small_data[1]!r} runs out at step 10 of 300: its 2 shard(s) hold 2,000,000 tokens. Add shards")]
     if not GPU:
-        out = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=tmp_path)
-        assert out.returncode == 1 and out.stderr.strip() == (
-            "error: no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200)")
+        cases.append((small_data, {}, "no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
+                                      "--check validates the data without one"))
+    for args, env, message in cases:
+        out = run_script(args, tmp_path, **env)
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"error: {message}"), out.stderr
+    out = run_script(small_data + ["--check"], tmp_path)
+    assert out.returncode == 0 and out.stderr == "" and "pre-flight checks passed" in out.stdout
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -169,6 +169,106 @@ def test_broken_shard(tmp_path, corruption, message):
         next(tg.distributed_data_generator(str(path), 8 * 64, 64, 8, device="cpu"))
 
 
+@pytest.mark.parametrize("bad_id", [50257, 50303, 65535])
+def test_token_ids_outside_gpt2_vocabulary(tmp_path, bad_id):
+    path = tmp_path / "fineweb_train_000001.bin"
+    tokens = np.concatenate([document(i, 100) for i in range(50)])
+    tokens[1234] = bad_id
+    synthetic.write_shard(path, tokens)
+    message = f"fineweb_train_000001.bin holds token id {bad_id} at position 1234: ids must be below 50257"
+    with pytest.raises(tg.DataError, match=message):
+        tg.load_shard(str(path))
+    with pytest.raises(tg.DataError, match=message):
+        next(tg.distributed_data_generator(str(path), 8 * 64, 64, 8, device="cpu"))
+
+
+def test_short_file_is_not_a_shard(tmp_path):
+    path = tmp_path / "fineweb_train_000001.bin"
+    path.write_bytes(b"\0" * 100)
+    with pytest.raises(tg.DataError, match=r"is too short to be a token shard \(100 bytes; the header alone is 1024\)"):
+        tg.load_shard(str(path))
+
+
+def test_shard_without_documents_among_good_ones(tmp_path):
+    write_documents(tmp_path / "fineweb_train_000001.bin", 0, [100] * 20)
+    synthetic.write_shard(tmp_path / "fineweb_train_000002.bin", np.arange(1, 5001, dtype=np.uint16))  # no BOS
+    gen = tg.distributed_data_generator(str(tmp_path / "*.bin"), 8 * 64, 64, 8, device="cpu")
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000002.bin holds 0 BOS tokens \(50256\), so no complete "
+                                           "document: every document must start with BOS"):
+        for _ in range(100):
+            next(gen)
+
+
+# --- pre-flight ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_run(tmp_path):
+    """Two 1M-token synthetic train shards, a val shard of 2,097,153 tokens, and the arguments of a
+    run on them (3 + 0 steps)."""
+    synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000000",
+                    "--val-tokens", str(tg.VAL_BATCH_TOKENS + 1)])
+    return ["--train_files", str(tmp_path / "fineweb_train_*.bin"), "--val_files", str(tmp_path / "fineweb_val_*.bin"),
+            "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3", "--num_extension_iterations", "0"]
+
+
+def preflight(argv, world_size=1):
+    return tg.preflight(tg.parse_args(argv)[0], world_size)
+
+
+def test_preflight_walks_exactly_what_the_loader_draws(small_run):
+    """The pre-flight's verdict on 'enough data' is the loader's: it runs out at the same step."""
+    with pytest.raises(tg.DataError, match=r"runs out at step (\d+) of 300") as failure:
+        preflight(small_run + ["--num_scheduled_iterations", "300"])
+    runs_out_at = int(failure.value.args[0].split("runs out at step ")[1].split()[0])
+    stage = tg.STAGES[0]  # steps 0-99 of a 300-step schedule
+    gen = tg.distributed_data_generator(small_run[1], stage.batch_tokens, stage.max_seq_len, 8, device="cpu")
+    for _ in range(runs_out_at * 8):
+        next(gen)
+    with pytest.raises(tg.OutOfTrainingData):
+        next(gen)
+    assert preflight(small_run)[0] == "plan: 3 steps, world size 1 (gradient accumulation 8)"
+
+
+def test_preflight_checks_every_file_before_training(small_run, tmp_path):
+    write_documents(tmp_path / "fineweb_train_000003.bin", 0, [100] * 50)  # never reached by 3 steps
+    with open(tmp_path / "fineweb_train_000003.bin", "r+b") as f:
+        f.truncate(5000)
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000003.bin has 5000 bytes but its header promises 5000 "
+                                           r"tokens \(11024 bytes\): truncated or corrupt. Delete it"):
+        preflight(small_run)
+
+
+def test_preflight_checks_token_ids_of_the_shards_used(small_run, tmp_path):
+    path = tmp_path / "fineweb_train_000001.bin"
+    tokens = tg.load_shard(str(path)).copy()
+    tokens[777] = 60000
+    synthetic.write_shard(path, tokens)
+    with pytest.raises(tg.DataError, match="fineweb_train_000001.bin holds token id 60000 at position 777"):
+        preflight(small_run)
+
+
+def test_preflight_needs_enough_validation_tokens(small_run):
+    with pytest.raises(tg.DataError, match=r"holds 2,097,153 tokens, fewer than the 4,194,304 \+ 1 that validation "
+                                           r"reads: lower --val_tokens"):
+        preflight(small_run + ["--val_tokens", str(2 * tg.VAL_BATCH_TOKENS)])
+
+
+def test_preflight_refuses_overlapping_train_and_val_files(small_run, tmp_path):
+    with pytest.raises(tg.DataError, match=r"^2 file\(s\) match both --train_files and --val_files .*"
+                                           "fineweb_train_000001.bin.*validation would score training tokens"):
+        preflight(small_run + ["--val_files", str(tmp_path / "fineweb_*.bin")])
+
+
+def test_validation_reads_only_the_files_it_needs(tmp_path):
+    write_documents(tmp_path / "fineweb_val_000000.bin", 0, [257] * 32 + [1])
+    (tmp_path / "fineweb_val_000001.bin").write_bytes(b"not a shard")
+    pattern = str(tmp_path / "fineweb_val_*.bin")
+    assert tg.validation_files(pattern, 8 * 1024) == [str(tmp_path / "fineweb_val_000000.bin")]
+    assert len(list(tg.validation_batches(pattern, 8 * 1024, 1024, 8, device="cpu"))) == 8
+    with pytest.raises(tg.DataError, match=r"fineweb_val_000001.bin is too short to be a token shard \(11 bytes"):
+        tg.validation_files(pattern, 16 * 1024)
+
+
 def test_shard_round_trip(tmp_path):
     tokens = np.random.default_rng(1).integers(0, 50257, 12345).astype(np.uint16)
     path = tmp_path / "x.bin"
@@ -206,7 +306,7 @@ def test_validation_windows(tmp_path, world_size):
 
 def test_validation_needs_enough_tokens(tmp_path):
     synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.full(8 * 1024, BOS, dtype=np.uint16))
-    with pytest.raises(tg.DataError, match=r"fewer than the 8192 \+ 1.*--val_tokens"):
+    with pytest.raises(tg.DataError, match=r"fewer than the 8,192 \+ 1.*--val_tokens"):
         next(tg.validation_batches(str(tmp_path / "*.bin"), 8 * 1024, 1024, 8, device="cpu"))
 
 
@@ -273,6 +373,46 @@ def test_synthetic_cli_output_feeds_the_loader(tmp_path):
     assert len(val) == 16
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--train-shards", "0"], "--train-shards must be at least 1, not 0"),
+    (["--train-shards", "-2"], "--train-shards must be at least 1, not -2"),
+    (["--shard-tokens", "0"], "--shard-tokens must lie between 2 and 2,147,483,647 (a shard's header counts tokens"),
+    (["--shard-tokens", "-5"], "--shard-tokens must lie between 2 and 2,147,483,647"),
+    (["--shard-tokens", str(10**12)], "--shard-tokens must lie between 2 and 2,147,483,647 (a shard's header counts "
+                                      "tokens in an int32), not 1,000,000,000,000"),
+    (["--val-tokens", str(2**31)], "--val-tokens must lie between 2 and 2,147,483,647"),
+    (["--seed", "-1"], "--seed must be 0 or more, not -1"),
+])
+def test_synthetic_bad_arguments(tmp_path, capsys, args, message):
+    assert synthetic.main(["--out", str(tmp_path / "out")] + args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_output_folder_problems(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert synthetic.main(["--out", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'} is a file, not a folder\n"
+    assert synthetic.main(["--out", str(tmp_path / "file" / "sub")]) == 1
+    assert capsys.readouterr().err == f"error: cannot create the folder {tmp_path / 'file' / 'sub'} (Not a directory)\n"
+
+
+def test_synthetic_write_failure_leaves_nothing_behind(tmp_path):
+    """A write cut short (here by a 1 MB file-size limit, as a full disk would) is one error line, and
+    neither the shard's name nor a partial file is left on disk."""
+    import subprocess
+    code = ("import resource, signal, sys; sys.path.insert(0, sys.argv[1]); import synthetic; "
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+            "sys.exit(synthetic.main(['--out', sys.argv[2], '--val-tokens', '3000000', '--train-shards', '1']))")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "data"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == (f"error: cannot write {tmp_path / 'fineweb_val_000000.bin'} (File too "
+                                                  "large): check the folder and the free disk space\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_synthetic_defaults_cover_the_record_schedule(tmp_path):
     """The default shards hold what the 1490-step schedule draws, BOS-alignment waste included,
     measured by walking a sample shard with each stage's batch and max_seq_len."""
@@ -292,28 +432,38 @@ def test_synthetic_defaults_cover_the_record_schedule(tmp_path):
     assert defaults.val_tokens == 10_485_760 + 1
 
 
-# --- download script (hf_hub_download replaced by a fake) ----------------------------------------
+# --- download script (the hub replaced by a fake) ------------------------------------------------
+
+GOOD_SHARD = np.full(1000, BOS, dtype=np.uint16)  # what the fake hub serves for every name
+
 
 @pytest.fixture
-def download(monkeypatch):
-    """The download script with a fake hub: each call writes the next outcome ('good' by default,
-    'corrupt' = truncated) or raises it, and is recorded."""
+def download(monkeypatch, tmp_path_factory):
+    """The download script with a fake hub: each hf_hub_download call writes the next outcome ('good'
+    by default, 'corrupt' = truncated) or raises it, and is recorded; the hub's records are the good
+    shard's size and SHA-256."""
     module = load_script("cached_fineweb10B")
     calls, outcomes = [], []
+    reference = tmp_path_factory.mktemp("hub") / "good.bin"
+    synthetic.write_shard(reference, GOOD_SHARD)
+    record = (reference.stat().st_size, module.sha256_of(reference))
 
-    def fake_hf_hub_download(repo_id, filename, repo_type, local_dir, force_download=False):
-        calls.append((repo_id, filename, repo_type, force_download))
+    def fake_hf_hub_download(repo_id, filename, repo_type, local_dir):
+        calls.append((repo_id, filename, repo_type))
         outcome = outcomes.pop(0) if outcomes else "good"
         if isinstance(outcome, Exception):
             raise outcome
         path = os.path.join(local_dir, filename)
-        synthetic.write_shard(path, np.full(1000, BOS, dtype=np.uint16))
-        if outcome == "corrupt":
+        synthetic.write_shard(path, GOOD_SHARD)
+        if outcome in ("corrupt", "cut"):
             with open(path, "r+b") as f:
                 f.truncate(1500)
+        if outcome == "cut":
+            raise ConnectionError("connection reset while downloading")
         return path
 
     monkeypatch.setattr(module, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(module, "hub_records", lambda names: {name: record for name in names})
     return module, calls, outcomes
 
 
@@ -322,22 +472,31 @@ def test_download_fetches_val_and_train_then_skips_valid_files(download, tmp_pat
     assert module.main(["2", "--local-dir", str(tmp_path)]) == 0
     assert [c[1] for c in calls] == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
     assert all(c[0] == "kjj0/fineweb10B-gpt2" and c[2] == "dataset" for c in calls)
+    assert sorted(os.listdir(tmp_path)) == ["fineweb_train_000001.bin", "fineweb_train_000002.bin",
+                                            "fineweb_val_000000.bin"]  # no staging folders left
     assert all(tg.shard_problem(str(p)) is None for p in tmp_path.iterdir())
     calls.clear()
     assert module.main(["2", "--local-dir", str(tmp_path)]) == 0
-    assert calls == [] and "3 already there" in capsys.readouterr().out
+    assert calls == [] and "3 already there, all verified against the hub" in capsys.readouterr().out
 
 
 def test_download_refetches_corrupt_files(download, tmp_path):
     module, calls, outcomes = download
     synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.zeros(10, dtype=np.uint16))
     with open(tmp_path / "fineweb_val_000000.bin", "r+b") as f:
-        f.truncate(1030)  # a corrupt copy left by an interrupted download
+        f.truncate(1030)  # a corrupt copy left by something else
     outcomes.extend(["corrupt", "good"])
     assert module.main(["1", "--local-dir", str(tmp_path)]) == 0
     assert [c[1] for c in calls] == ["fineweb_val_000000.bin"] * 2 + ["fineweb_train_000001.bin"]
-    assert calls[0][3] and calls[1][3], "a corrupt file on disk must be downloaded again with force_download"
     assert all(tg.shard_problem(str(p)) is None for p in tmp_path.iterdir())
+
+
+def test_download_replaces_a_well_formed_shard_that_is_not_the_hubs(download, tmp_path):
+    module, calls, _ = download
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.full_like(GOOD_SHARD, 7))  # same size, other tokens
+    assert module.main(["0", "--local-dir", str(tmp_path)]) == 0
+    assert [c[1] for c in calls] == ["fineweb_val_000000.bin"]
+    assert np.array_equal(tg.load_shard(str(tmp_path / "fineweb_val_000000.bin")), GOOD_SHARD)
 
 
 def test_download_gives_up_on_a_file_that_stays_corrupt(download, tmp_path, capsys):
@@ -348,17 +507,49 @@ def test_download_gives_up_on_a_file_that_stays_corrupt(download, tmp_path, caps
     errors = [line for line in err.splitlines() if line.startswith("error:")]  # the rest is tqdm's bar
     assert len(calls) == 3 and len(errors) == 1 and "Traceback" not in err
     assert "fineweb_val_000000.bin is still corrupt after 3 downloads" in errors[0]
+    assert os.listdir(tmp_path) == [], "a corrupt download must not be left under its name"
+
+
+def test_download_cut_short_leaves_nothing(download, tmp_path, capsys):
+    module, _, outcomes = download
+    outcomes.append("cut")
+    assert module.main(["1", "--local-dir", str(tmp_path)]) == 1
+    assert "connection reset while downloading. Check the network" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_download_unreachable_hub_is_one_line(download, tmp_path, capsys):
     module, _, outcomes = download
-    outcomes.append(ConnectionError("Failed to resolve 'huggingface.co'\nmore details"))
+    outcomes.append(ConnectionError("Failed to resolve 'huggingface.co'.\nmore details"))
     assert module.main(["1", "--local-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err and "more details" not in err
-    assert "could not download fineweb_val_000000.bin from the Hugging Face Hub" in errors[0]
-    assert "Failed to resolve" in errors[0] and "run this again" in errors[0]
+    assert errors[0] == ("error: could not download fineweb_val_000000.bin from the Hugging Face Hub "
+                         "(kjj0/fineweb10B-gpt2): ConnectionError: Failed to resolve 'huggingface.co'. Check the "
+                         "network (or HF_ENDPOINT) and run this again.")
+
+
+def test_download_offline_names_a_corrupt_local_file(download, tmp_path, capsys, monkeypatch):
+    module, calls, _ = download
+    monkeypatch.setattr(module.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(module, "hub_records", lambda names: None)
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", GOOD_SHARD)
+    with open(tmp_path / "fineweb_val_000000.bin", "r+b") as f:
+        f.truncate(1500)
+    assert module.main(["0", "--local-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path / 'fineweb_val_000000.bin'} has 1500 bytes but its header promises 1000 tokens "
+        "(3024 bytes): truncated or corrupt, and HF_HUB_OFFLINE is set, so it cannot be fetched again: delete it "
+        "and run this online.")
+    assert calls == []
+
+
+def test_download_local_dir_that_is_a_file(download, tmp_path, capsys):
+    module = download[0]
+    (tmp_path / "f").write_text("x")
+    assert module.main(["1", "--local-dir", str(tmp_path / "f")]) == 1
+    assert capsys.readouterr().err == f"error: cannot use --local-dir {tmp_path / 'f'} as a folder (File exists)\n"
 
 
 def test_download_help_explains_the_argument(download, capsys):

@@ -1,7 +1,9 @@
 """Synthetic token shards in FineWeb's format and names, for machines that cannot download FineWeb.
 
     python data/synthetic.py                       # data/synthetic: 6 x 100M train tokens + val
-    python data/synthetic.py --train-shards 2 --shard-tokens 20000000 --out /tmp/synth
+    python data/synthetic.py --train-shards 3 --shard-tokens 20000000 --out /tmp/synth
+        # 60M train tokens: enough for a short run (--num_scheduled_iterations 150
+        # --num_extension_iterations 10 --val_tokens 2097152), not for the full schedule
 
 Then train on them with
     --train_files 'data/synthetic/fineweb_train_*.bin' --val_files 'data/synthetic/fineweb_val_*.bin'
@@ -13,6 +15,7 @@ model learns quickly (the loss falls far below log(vocab)). The output is determ
 """
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -22,15 +25,26 @@ BOS_ID, GPT2_VOCAB = 50256, 50257
 NUM_PHRASES, MIN_PHRASE, MAX_PHRASE = 32768, 2, 12
 DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 400, 1.0, 32, 32768
 CHUNK_TOKENS = 1 << 23  # tokens expanded at once: bounds memory to a few hundred MB
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
 
 
 def write_shard(path, tokens):
-    """Write uint16 tokens with the 256-word int32 header (magic, version, count)."""
+    """Write uint16 tokens with the 256-word int32 header (magic, version, count), atomically: into a
+    hidden file beside it, renamed to path once complete, so path never holds a partial shard."""
+    tokens = np.asarray(tokens, dtype="<u2")
+    if tokens.size > MAX_SHARD_TOKENS:
+        raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, not {tokens.size}")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, len(tokens)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    header[:3] = MAGIC, VERSION, tokens.size
+    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.data)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def zipf_probabilities(n, exponent, offset):
@@ -103,9 +117,33 @@ def build_parser():
     return parser
 
 
+def argument_problem(args):
+    """None if the arguments make a usable data set, else what is wrong."""
+    if args.train_shards < 1:
+        return f"--train-shards must be at least 1, not {args.train_shards}"
+    for name in ("shard_tokens", "val_tokens"):
+        value = getattr(args, name)
+        if not 2 <= value <= MAX_SHARD_TOKENS:
+            return (f"--{name.replace('_', '-')} must lie between 2 and {MAX_SHARD_TOKENS:,} (a shard's header counts "
+                    f"tokens in an int32), not {value:,}")
+    if args.seed < 0:
+        return f"--seed must be 0 or more, not {args.seed}"
+    return None
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
+    problem = argument_problem(args)
+    if problem is None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        problem = f"--out {args.out} is a file, not a folder"
+    if problem is None:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            problem = f"cannot create the folder {args.out} ({e.strerror})"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     table = PhraseTable(args.seed)
     jobs = [("fineweb_val_000000.bin", 0, args.val_tokens)]
     jobs += [(f"fineweb_train_{i:06d}.bin", i, args.shard_tokens) for i in range(1, args.train_shards + 1)]
@@ -114,11 +152,17 @@ def main(argv=None):
         t0 = time.perf_counter()
         tokens = make_shard(table, args.seed, index, n)
         generating += time.perf_counter() - t0
-        write_shard(os.path.join(args.out, name), tokens)
+        try:
+            write_shard(os.path.join(args.out, name), tokens)
+        except OSError as e:
+            print(f"error: cannot write {os.path.join(args.out, name)} ({e.strerror}): check the folder and the "
+                  "free disk space", file=sys.stderr)
+            return 1
         total += n
         print(f"wrote {os.path.join(args.out, name)} ({n:,} tokens)")
     print(f"{total:,} tokens generated at {total / generating / 1e6:.1f}M tokens/s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,11 +2,13 @@
 
     python records/stats.py BASELINE_DIR [DIR ...] [--target 3.28]
 
-Each DIR holds the .txt logs of one set of runs as train_gpt.py writes them; the first is the
-baseline. From each log the final validation line (`step:N/N val_loss:X train_time:Tms ...`) is
-read. For each set one row: runs, steps, mean and sample standard deviation of the training time
-(seconds) and of the final loss, their differences to the baseline, and p, the one-sided
-one-sample t-test p-value that the true mean loss is below the target (a record needs p < 0.01).
+Each DIR holds the .txt logs of one set of runs as train_gpt.py writes them, one run per log; the
+first is the baseline. From each log the final validation line (`step:N/N val_loss:X
+train_time:Tms ...`) is read. For each set one row: runs, steps, mean and sample standard
+deviation of the training time (seconds) and of the final loss, their differences to the
+baseline, and p, the one-sided one-sample t-test p-value that the true mean loss is below the
+target (a record needs p < 0.01). Under it, each set's time difference to the baseline with its
+95% confidence interval (Welch), and the one-sided p-value that the set is faster.
 """
 import argparse
 import glob
@@ -16,7 +18,8 @@ import re
 import statistics
 import sys
 
-FINAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:(\d+)ms")
+FINAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms")
+FIRST_STEP_LINE = re.compile(r"^step:1/\d+ ", re.MULTILINE)  # once per run
 
 
 class StatsError(Exception):
@@ -60,6 +63,27 @@ def student_t_cdf(t, df):
     return tail if t < 0 else 1.0 - tail
 
 
+def student_t_quantile(p, df):
+    """t with P(T <= t) = p, by bisection on the CDF."""
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def welch(new, base):
+    """(mean difference new - base, its 95% confidence interval, one-sided p that new is lower)."""
+    diff = statistics.mean(new) - statistics.mean(base)
+    var_new, var_base = statistics.variance(new) / len(new), statistics.variance(base) / len(base)
+    se = math.sqrt(var_new + var_base)
+    if se == 0:
+        return diff, (diff, diff), 0.0 if diff < 0 else 1.0
+    df = se ** 4 / (var_new ** 2 / (len(new) - 1) + var_base ** 2 / (len(base) - 1))
+    half = student_t_quantile(0.975, df) * se
+    return diff, (diff - half, diff + half), student_t_cdf(diff / se, df)
+
+
 def p_below(values, target):
     """One-sided one-sample t-test p-value for H1: the true mean is below target."""
     n = len(values)
@@ -72,12 +96,24 @@ def p_below(values, target):
 def read_final(log_path):
     """(steps, val_loss, train_seconds) of the log's final validation line."""
     with open(log_path, errors="replace") as f:
-        finals = [m for m in FINAL_LINE.finditer(f.read()) if m.group(1) == m.group(2)]
+        text = f.read()
+    finals = [m for m in FINAL_LINE.finditer(text) if m.group(1) == m.group(2)]
+    runs = max(len(finals), len(FIRST_STEP_LINE.findall(text)))
+    if runs > 1:
+        raise StatsError(f"{log_path} holds {runs} runs (a reused --run_id appends to its log): keep one run per log")
     if not finals:
         raise StatsError(f"{log_path} has no final validation line (step:N/N val_loss:X train_time:Tms): "
                          "the run did not finish")
-    steps, _, loss, time_ms = finals[-1].groups()
-    return int(steps), float(loss), int(time_ms) / 1000
+    steps, _, loss, time_ms = finals[0].groups()
+    try:
+        loss = float(loss)
+    except ValueError:
+        raise StatsError(f"{log_path}: the final val_loss {loss!r} is not a number") from None
+    if not math.isfinite(loss):
+        raise StatsError(f"{log_path}: the final val_loss is {loss}: the run diverged")
+    if int(steps) == 0:
+        raise StatsError(f"{log_path} is a 0-step run: it trained nothing")
+    return int(steps), loss, int(time_ms) / 1000
 
 
 def read_set(directory):
@@ -86,10 +122,20 @@ def read_set(directory):
     logs = sorted(glob.glob(os.path.join(directory, "*.txt")))
     if len(logs) < 2:
         raise StatsError(f"{directory} holds {len(logs)} run log(s) (*.txt); statistics need at least 2 runs")
+    contents = {}
+    for path in logs:
+        with open(path, "rb") as f:
+            twin = contents.setdefault(f.read(), path)
+        if twin != path:
+            raise StatsError(f"{twin} and {path} are the same log: each run counts once, so remove the copy")
     runs = [read_final(path) for path in logs]
+    lengths = sorted({(r[0], os.path.basename(path)) for r, path in zip(runs, logs)})
+    if lengths[0][0] != lengths[-1][0]:
+        raise StatsError(f"{directory} mixes runs of {lengths[0][0]} steps ({lengths[0][1]}) and {lengths[-1][0]} "
+                         f"steps ({lengths[-1][1]}): a set holds runs of one schedule")
     return {
         "name": os.path.basename(os.path.normpath(directory)),
-        "steps": sorted({r[0] for r in runs}),
+        "steps": runs[0][0],
         "losses": [r[1] for r in runs],
         "times": [r[2] for r in runs],
     }
@@ -98,15 +144,22 @@ def read_set(directory):
 def report(sets, target):
     base_time, base_loss = statistics.mean(sets[0]["times"]), statistics.mean(sets[0]["losses"])
     width = max(12, *(len(s["name"]) for s in sets))
-    lines = [f"{'':<{width}}{'Runs':>6}{'Steps':>7}{'Time μ':>10}{'Time σ':>9}{'Time +/-':>10}"
+    steps_width = max(7, *(len(str(s["steps"])) + 2 for s in sets))
+    lines = [f"{'':<{width}}{'Runs':>6}{'Steps':>{steps_width}}{'Time μ':>10}{'Time σ':>9}{'Time +/-':>10}"
              f"{'Loss μ':>9}{'Loss σ':>9}{'Loss +/-':>10}{'p':>9}"]
     for s in sets:
         time_mean, loss_mean = statistics.mean(s["times"]), statistics.mean(s["losses"])
         lines.append(
-            f"{s['name']:<{width}}{len(s['times']):>6}{'/'.join(map(str, s['steps'])):>7}"
+            f"{s['name']:<{width}}{len(s['times']):>6}{s['steps']:>{steps_width}}"
             f"{time_mean:>10.4f}{statistics.stdev(s['times']):>9.4f}{time_mean - base_time:>10.4f}"
             f"{loss_mean:>9.4f}{statistics.stdev(s['losses']):>9.4f}{loss_mean - base_loss:>10.4f}"
             f"{p_below(s['losses'], target):>9.4f}")
+    if len(sets) > 1:
+        lines.append("")
+    for s in sets[1:]:
+        diff, (low, high), p_faster = welch(s["times"], sets[0]["times"])
+        lines.append(f"{s['name']}: time {diff:+.4f} s vs {sets[0]['name']}, 95% interval [{low:+.4f}, {high:+.4f}], "
+                     f"p(faster) = {p_faster:.4f} (Welch)")
     for s in sets:
         lines += ["", f"{s['name']}:",
                   f"  losses = [{', '.join(f'{x:.4f}' for x in s['losses'])}]",

@@ -1,6 +1,7 @@
 """Tests of records/stats.py: the t distribution against tabulated values, the table, the errors."""
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -37,7 +38,7 @@ def write_logs(directory, runs, steps=1490):
 
 
 def test_table_of_the_record(tmp_path, capsys):
-    """The record's own runs (SPEC §0): 88.83 s, loss 3.2788, p = 0.0097 against 89.80 s, p = 0.0601."""
+    """The record's own runs: 88.83 s, loss 3.2788, p = 0.0097 against 89.80 s, p = 0.0601."""
     write_logs(tmp_path / "Baseline", [(3.2764, 89.803), (3.2799, 89.711), (3.2773, 89.835), (3.2793, 89.849)])
     write_logs(tmp_path / "ThisPR", [(3.2783, 88.821), (3.2789, 88.809), (3.2795, 88.806), (3.2786, 88.900)])
     assert stats.main([str(tmp_path / "Baseline"), str(tmp_path / "ThisPR")]) == 0
@@ -74,3 +75,59 @@ def test_log_without_final_validation(tmp_path, capsys):
     assert stats.main([str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert "run1.txt has no final validation line" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("p,df,t", [(0.975, 6, 2.447), (0.975, 3, 3.182), (0.975, 10, 2.228), (0.95, 4, 2.132),
+                                    (0.025, 6, -2.447)])
+def test_t_quantiles_match_tables(p, df, t):
+    assert stats.student_t_quantile(p, df) == pytest.approx(t, abs=1e-3)
+
+
+def test_time_difference_interval(tmp_path, capsys):
+    """Equal sizes and spreads make Welch's degrees of freedom 2n - 2 = 6: the interval is the
+    difference of means +- t(0.975, 6) * sqrt(2 s^2 / n), s^2 = 5/3 here."""
+    spread = [-1.5, -0.5, 0.5, 1.5]
+    write_logs(tmp_path / "base", [(3.27, 100 + x) for x in spread])
+    write_logs(tmp_path / "new", [(3.27, 97 + x) for x in spread])
+    assert stats.main([str(tmp_path / "base"), str(tmp_path / "new")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("new: time")][0]
+    se = math.sqrt(2 * (5 / 3) / 4)
+    half = 2.446912 * se
+    assert line == (f"new: time -3.0000 s vs base, 95% interval [{-3 - half:+.4f}, {-3 + half:+.4f}], "
+                    f"p(faster) = {stats.student_t_cdf(-3 / se, 6):.4f} (Welch)")
+
+
+def write_log(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+FINAL = "step:{0}/{0} val_loss:{1} train_time:90000ms step_avg:60.40ms\n"
+
+
+@pytest.mark.parametrize("second_log,message", [
+    (FINAL.format(160, "3.2700"), r"s mixes runs of 160 steps \(run1.txt\) and 1490 steps \(run0.txt\): a set holds "
+                                  "runs of one schedule"),
+    (FINAL.format(1490, "3.2700"), r"run0.txt and .*run1.txt are the same log: each run counts once"),
+    ("step:1/1490 train_time:60ms\n" + FINAL.format(1490, "3.2800") + "step:1/1490 train_time:61ms\n"
+     + FINAL.format(1490, "3.2790"), r"run1.txt holds 2 runs \(a reused --run_id appends to its log\)"),
+    ("step:1/1490 train_time:60ms\nstep:1/1490 train_time:61ms\n" + FINAL.format(1490, "3.2790"),
+     r"run1.txt holds 2 runs"),
+    (FINAL.format(0, "10.8"), "run1.txt is a 0-step run: it trained nothing"),
+    (FINAL.format(1490, "."), r"run1.txt: the final val_loss '\.' is not a number"),
+    (FINAL.format(1490, "nan"), "run1.txt: the final val_loss is nan: the run diverged"),
+])
+def test_bad_sets_are_one_clear_line(tmp_path, capsys, second_log, message):
+    write_log(str(tmp_path / "s" / "run0.txt"), FINAL.format(1490, "3.2700"))
+    write_log(str(tmp_path / "s" / "run1.txt"), second_log)
+    assert stats.main([str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_long_step_counts_keep_the_columns(tmp_path, capsys):
+    write_logs(tmp_path / "long", [(3.27, 90.0), (3.28, 91.0)], steps=123456789)
+    assert stats.main([str(tmp_path / "long")]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert row.split()[:3] == ["long", "2", "123456789"] and len(header) == len(row)
