@@ -179,7 +179,7 @@ def test_paired_head_attention_equals_straightforward_construction(layer):
 # --- optimizer pieces against references ---------------------------------------------------------
 
 def reference_normuon(p, grad, momentum, lr, lr_mul, weight_decay, beta2, c_proj):
-    """One NorMuon step from zero state, SPEC §3.3, in plain fp64."""
+    """One NorMuon step from zero state, written out in plain fp64."""
     p, grad = p.double(), grad.double()
     buf = (1 - momentum) * grad
     g = grad + momentum * (buf - grad)
@@ -429,6 +429,9 @@ def test_command_line():
         tg.parse_args(["--lr", "3"])
     with pytest.raises(tg.UsageError, match="unrecognized arguments: --val 3"):  # no abbreviations
         tg.parse_args(["--val", "3"])
+    with pytest.raises(tg.UsageError, match=r"^unrecognized arguments: .*train_test.py: the shell expanded a glob; "
+                                            "quote --train_files / --val_files patterns"):
+        tg.parse_args(["--train_files", __file__, __file__])  # what `--train_files *.py` unquoted gives
     with pytest.raises(tg.UsageError, match="argument --sparse_bigram: invalid choice: 'maybe'"):
         tg.parse_args(["--sparse_bigram", "maybe"])
     with pytest.raises(tg.UsageError, match="argument --attention: invalid choice: 'fa2'"):
@@ -543,6 +546,18 @@ def test_script_errors_are_one_line(small_data, tmp_path):
         assert out.stderr.startswith(f"error: {message}"), out.stderr
     out = run_script(small_data + ["--check"], tmp_path)
     assert out.returncode == 0 and out.stderr == "" and "pre-flight checks passed" in out.stdout
+
+
+def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
+    """run.sh with --train_files starts torchrun at once (here 2 processes on the CPU, --check): the
+    FineWeb download, which cannot succeed on a machine without the Hub, is not attempted."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.sh")
+    out = subprocess.run(["bash", script, *small_data, "--check"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "NPROC": "2", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("plan: 3 steps, world size 2 (gradient accumulation 4)\n")
+    assert out.stdout.count("pre-flight checks passed") == 1 and "FineWeb shards" not in out.stderr
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def test_table_of_the_record(tmp_path, capsys):
                                 "0.0000", "0.0601"]
     assert lines[2].split() == ["ThisPR", "4", "1490", "88.8340", "0.0445", "-0.9655", "3.2788", "0.0005",
                                 "0.0006", "0.0097"]
+    assert "ThisPR: time -0.9655 s vs Baseline, 95% interval [-1.0613, -0.8697], p(faster) = 0.0000 (Welch)" in lines
     assert "  losses = [3.2783, 3.2789, 3.2795, 3.2786]" in lines
     assert "  times  = [88.8210, 88.8090, 88.8060, 88.9000]" in lines
 
