@@ -407,6 +407,21 @@ def test_learning_rate_and_momentum():
     assert s.momentum(1465) == pytest.approx(0.90) and s.momentum(1490) == pytest.approx(0.85)
 
 
+def test_stage_ranges_cover_every_step_once():
+    for scheduled, extension in ((1450, 40), (150, 10), (3, 0), (4, 1)):
+        s = tg.Schedule(scheduled, extension)
+        ranges = s.stage_ranges()
+        bounds = [first for _, first, _ in ranges] + [ranges[-1][2]]
+        assert bounds[0] == 0 and bounds[-1] == scheduled + extension and bounds == sorted(set(bounds))
+        assert all(end == next_first for (_, _, end), (_, next_first, _) in zip(ranges, ranges[1:]))
+        for name, first, end in ranges:
+            assert {s.stage_index(step) for step in range(first, end)} == {["stage 1", "stage 2", "stage 3",
+                                                                             "extension"].index(name)}
+    assert tg.Schedule(150, 10).stage_ranges() == [("stage 1", 0, 50), ("stage 2", 50, 100), ("stage 3", 100, 150),
+                                                   ("extension", 150, 160)]
+    assert [name for name, _, _ in tg.Schedule(3, 0).stage_ranges()] == ["stage 1", "stage 2", "stage 3"]
+
+
 def test_adam_steps_and_the_split_step():
     s = tg.Schedule(1450, 40)
     assert [s.adam_step(x) for x in (0, 1, 2, 966, 967, 968, 969)] == [False, True, False, False, True, False, True]
