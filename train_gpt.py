@@ -202,8 +202,6 @@ class ShardReader:
             self.advance()
             plan = plan_step(self, 0, local_tokens, max_seq_len)
         slots, self.cursor = plan
-        for segments in slots:
-            check_doc_count(len(segments), local_tokens, self.path)
         return slots
 
     def document_end(self, doc):
@@ -1579,8 +1577,10 @@ def preflight(hp, world_size):
     try:
         for name, first, end in schedule.stage_ranges():
             stage = schedule.stage(first)
+            local_tokens = stage.batch_tokens // SLOTS_PER_STEP
             for step in range(first, end):
-                reader.next_step(stage.batch_tokens // SLOTS_PER_STEP, stage.max_seq_len)
+                for segments in reader.next_step(local_tokens, stage.max_seq_len):
+                    check_doc_count(len(segments), local_tokens, reader.path)  # as micro_batch will
             drawn += (end - first) * (stage.batch_tokens + SLOTS_PER_STEP)
             lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
                          f"{stage.max_seq_len}, windows {128 * stage.windows[0]}/{128 * stage.windows[1]}")

@@ -229,6 +229,18 @@ def test_preflight_walks_exactly_what_the_loader_draws(small_run):
     assert preflight(small_run)[0] == "plan: 3 steps, world size 1 (gradient accumulation 8)"
 
 
+def test_preflight_counts_documents_as_the_micro_batches_will(small_run, tmp_path):
+    (tmp_path / "short").mkdir()
+    write_documents(tmp_path / "short" / "fineweb_train_000001.bin", 0, [4] * 250_000)
+    pattern = str(tmp_path / "short" / "*.bin")
+    message = r"fineweb_train_000001.bin: a micro-batch of 16384 tokens holds 4097 documents, more than the 127"
+    with pytest.raises(tg.DataError, match=message):
+        preflight(small_run + ["--train_files", pattern])
+    with pytest.raises(tg.DataError, match=message):  # what training would meet at its first step
+        next(tg.distributed_data_generator(pattern, tg.STAGES[0].batch_tokens, tg.STAGES[0].max_seq_len, 8,
+                                           device="cpu"))
+
+
 def test_preflight_checks_every_file_before_training(small_run, tmp_path):
     write_documents(tmp_path / "fineweb_train_000003.bin", 0, [100] * 50)  # never reached by 3 steps
     with open(tmp_path / "fineweb_train_000003.bin", "r+b") as f:
