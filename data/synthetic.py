@@ -152,14 +152,15 @@ def main(argv=None):
         t0 = time.perf_counter()
         tokens = make_shard(table, args.seed, index, n)
         generating += time.perf_counter() - t0
+        path = os.path.join(args.out, name)
         try:
-            write_shard(os.path.join(args.out, name), tokens)
+            write_shard(path, tokens)
         except OSError as e:
-            print(f"error: cannot write {os.path.join(args.out, name)} ({e.strerror}): check the folder and the "
-                  "free disk space", file=sys.stderr)
+            print(f"error: cannot write {path} ({e.strerror}): check the folder and the free disk space",
+                  file=sys.stderr)
             return 1
         total += n
-        print(f"wrote {os.path.join(args.out, name)} ({n:,} tokens)")
+        print(f"wrote {path} ({n:,} tokens)")
     print(f"{total:,} tokens generated at {total / generating / 1e6:.1f}M tokens/s")
     return 0
 

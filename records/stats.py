@@ -93,10 +93,8 @@ def p_below(values, target):
     return student_t_cdf((statistics.mean(values) - target) / (std / math.sqrt(n)), n - 1)
 
 
-def read_final(log_path):
-    """(steps, val_loss, train_seconds) of the log's final validation line."""
-    with open(log_path, errors="replace") as f:
-        text = f.read()
+def read_final(log_path, text):
+    """(steps, val_loss, train_seconds) of the final validation line of a log's text."""
     finals = [m for m in FINAL_LINE.finditer(text) if m.group(1) == m.group(2)]
     runs = max(len(finals), len(FIRST_STEP_LINE.findall(text)))
     if runs > 1:
@@ -122,13 +120,13 @@ def read_set(directory):
     logs = sorted(glob.glob(os.path.join(directory, "*.txt")))
     if len(logs) < 2:
         raise StatsError(f"{directory} holds {len(logs)} run log(s) (*.txt); statistics need at least 2 runs")
-    contents = {}
+    texts = {}
     for path in logs:
-        with open(path, "rb") as f:
-            twin = contents.setdefault(f.read(), path)
+        with open(path, errors="replace") as f:
+            twin = texts.setdefault(f.read(), path)
         if twin != path:
             raise StatsError(f"{twin} and {path} are the same log: each run counts once, so remove the copy")
-    runs = [read_final(path) for path in logs]
+    runs = [read_final(path, text) for text, path in texts.items()]
     lengths = sorted({(r[0], os.path.basename(path)) for r, path in zip(runs, logs)})
     if lengths[0][0] != lengths[-1][0]:
         raise StatsError(f"{directory} mixes runs of {lengths[0][0]} steps ({lengths[0][1]}) and {lengths[-1][0]} "
