@@ -7,7 +7,9 @@ nothing, so tests can import its pieces.
 import argparse
 import concurrent.futures
 import glob
+import hashlib
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -25,11 +27,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
-
-try:  # FlashAttention 3: faster on Hopper, never required
-    from flash_attn_interface import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -753,11 +750,12 @@ class Rotary:
         self.cos, self.sin = (torch.empty(shape, dtype=torch.bfloat16, device=device) for _ in range(2))
         self.paired_cos, self.paired_sin = (torch.empty((max_len, 1, 2 * head_dim), dtype=torch.bfloat16,
                                                         device=device) for _ in range(2))
+        self.attn_scale = torch.empty((), dtype=torch.float64)  # on the CPU: the attention reads it at run time
         self.reset()
 
     def reset(self):
         self.freqs = torch.cat([self.base_freqs.repeat_interleave(2), self.base_freqs.new_zeros(self.head_dim // 2)])
-        self.attn_scale = 0.1
+        self.attn_scale.fill_(0.1)
         self._build()
 
     def _build(self):
@@ -776,41 +774,44 @@ class Rotary:
         # frequencies turning < 1 time over the old window are stretched fully, > 32 times not at all
         ramp = ((rotations - 1) / (32 - 1)).clamp(0, 1)
         self.freqs = self.freqs * (scale + ramp * (1 - scale))
-        self.attn_scale *= 0.2 * math.log(new_window / old_window) + 1
+        self.attn_scale.mul_(0.2 * math.log(new_window / old_window) + 1)  # in place, as the tables
         self._build()
 
 
 def reference_attention(q, k, v, cu_seqlens, window, scale):
     """Causal attention within documents; the query at position i sees keys i - window .. i of its own
-    document. q, k, v: (T, heads, head_dim). Plain PyTorch with an explicit mask (CPU and tests)."""
+    document. q, k, v: (T, heads, head_dim); window and scale: numbers or 0-d tensors. Plain PyTorch
+    with an explicit mask (CPU and tests)."""
     positions = torch.arange(q.size(0), device=q.device)
     doc = torch.searchsorted(cu_seqlens, positions, right=True)
     offset = positions[:, None] - positions[None, :]
     mask = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention((q * scale).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask, scale=1.0)
     return out.transpose(0, 1)
 
 
 # Attention backends, fastest first. FlashAttention 4 (pip flash-attn-4, CuTe DSL kernels compiled
 # at first use) makes a stage-3 step 7% faster than PyTorch's varlen flash attention on an H200
-# (README); it enters the compiled model through the two custom ops below, which torch.compile
-# keeps whole. FA4_VERSION is the release measured.
+# (README). Both enter the compiled model through the two custom ops below, which torch.compile
+# keeps whole. Their window and softmax scale are 0-d CPU tensors read when the op runs, not
+# constants baked into the graph: one compiled graph then serves every stage's windows and every
+# YaRN scale, which halves the graphs the warm-up compiles. FA4_VERSION is the release measured.
 FA4_VERSION = "4.0.0b36"
-ATTENTION_BACKENDS = ("auto", "fa4", "fa3", "torch")
+# FA4 keeps its compiled kernels on disk, as Inductor and Triton do, so a warm start skips its JIT
+# (set to 0 to opt out; read when flash_attn.cute is first imported).
+os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+ATTENTION_BACKENDS = ("auto", "fa4", "torch")
 ATTENTION_INSTALL = {
     "fa4": f"FlashAttention 4 on an sm90 (Hopper) or sm100 (Blackwell) GPU: pip install flash-attn-4=={FA4_VERSION}",
-    "fa3": "FlashAttention 3 (module flash_attn_interface), built from the hopper/ folder of "
-           "github.com/Dao-AILab/flash-attention",
-    "torch": "a CUDA GPU and torch >= 2.11 (varlen_attn with scale and window_size)",
+    "torch": "a CUDA GPU and torch >= 2.11 (flash attention with a window)",
 }
 
 
-def choose_attention_backend(requested, capability, importable):
+def choose_attention_backend(requested, capability, fa4_importable):
     """The backend to run: 'reference' without a GPU (capability None), else the requested one, or
-    for 'auto' the fastest usable. importable: the set of libraries that import ('fa4', 'fa3')."""
-    usable = [name for name, ok in (("fa4", "fa4" in importable and capability and capability[0] in (9, 10)),
-                                    ("fa3", "fa3" in importable and capability is not None),
+    for 'auto' the fastest usable."""
+    usable = [name for name, ok in (("fa4", fa4_importable and capability and capability[0] in (9, 10)),
                                     ("torch", capability is not None)) if ok]
     if requested == "auto":
         return usable[0] if usable else "reference"
@@ -822,89 +823,102 @@ def choose_attention_backend(requested, capability, importable):
 
 
 def attention_backend(requested, device):
-    """choose_attention_backend for this machine: the GPU of device and the libraries that import."""
+    """choose_attention_backend for this machine: the GPU of device, and whether FA4 imports."""
     device = torch.device(device)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    importable = {"fa3"} if flash_attn_varlen_func is not None else set()
+    fa4_importable = False
     if capability is not None and requested in ("auto", "fa4"):
         try:
             import flash_attn.cute.interface  # noqa: F401  (CuTe DSL: a few seconds to import)
-            importable.add("fa4")
+            fa4_importable = True
         except ImportError:
             pass
-    return choose_attention_backend(requested, capability, importable)
+    return choose_attention_backend(requested, capability, fa4_importable)
 
 
 def describe_attention_backend(backend):
     """The backend with the version of the library behind it, for the log."""
     from importlib.metadata import PackageNotFoundError, version
-    package = {"fa4": "flash-attn-4", "fa3": "flash_attn_3", "torch": "torch"}.get(backend)
+    package = {"fa4": "flash-attn-4", "torch": "torch"}.get(backend)
     try:
         return f"{backend} ({package} {version(package)})" if package else backend
     except PackageNotFoundError:
         return backend
 
 
-@torch.library.custom_op("speedrun::fa4_forward", mutates_args=())
-def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int,
-                window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention 4 varlen forward: the output (T, heads, head_dim) and its log-sum-exp (heads, T)."""
-    from flash_attn.cute.interface import _flash_attn_fwd
-    out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                   max_seqlen_q=max_seq_len, max_seqlen_k=max_seq_len, softmax_scale=scale,
-                                   causal=True, window_size_left=window, window_size_right=0, return_lse=True)
-    return out, lse
+@torch.library.custom_op("speedrun::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int,
+                      window: torch.Tensor, scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal varlen attention, keys i - window .. i: the output (T, heads, head_dim) and its
+    log-sum-exp (heads, T)."""
+    window, scale = int(window), float(scale)
+    if backend == "fa4":
+        from flash_attn.cute.interface import _flash_attn_fwd
+        out, lse, *_ = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                       max_seqlen_q=max_seq_len, max_seqlen_k=max_seq_len, softmax_scale=scale,
+                                       causal=True, window_size_left=window, window_size_right=0, return_lse=True)
+    else:
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len, 0.0, True, False, scale=scale,
+            window_size_left=window, window_size_right=0)
+    return out.contiguous(), lse
 
 
-@fa4_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seq_len, window, scale):
+@attention_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seq_len, window, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
 
 
-@torch.library.custom_op("speedrun::fa4_backward", mutates_args=())
-def fa4_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int, window: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashAttention 4 varlen backward: dq, dk, dv (contiguous, as the fake below promises)."""
-    from flash_attn.cute.interface import _flash_attn_bwd
-    grads = _flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True,
-                            window_size_left=window, window_size_right=0, cu_seqlens_q=cu_seqlens,
-                            cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seq_len, max_seqlen_k=max_seq_len)
+@torch.library.custom_op("speedrun::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int, window: torch.Tensor,
+                       scale: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of attention_forward (contiguous, as the fake below promises)."""
+    window, scale = int(window), float(scale)
+    if backend == "fa4":
+        from flash_attn.cute.interface import _flash_attn_bwd
+        grads = _flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True,
+                                window_size_left=window, window_size_right=0, cu_seqlens_q=cu_seqlens,
+                                cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seq_len, max_seqlen_k=max_seq_len)
+    else:
+        no_dropout = torch.empty(0, device=q.device)  # the philox seed and offset are unused without dropout
+        grads = torch.ops.aten._flash_attention_backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len, 0.0, True, no_dropout,
+            no_dropout, scale=scale, window_size_left=window, window_size_right=0)
     return tuple(g.contiguous() for g in grads[:3])
 
 
-@fa4_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seq_len, window, scale):
+@attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seq_len, window, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _fa4_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seq_len, ctx.window, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, ctx.max_seq_len, window, scale, ctx.backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, window, scale)
 
 
-def _fa4_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = fa4_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seq_len, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, window, scale = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seq_len, window, scale,
+                                    ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
 
 
-fa4_forward.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+attention_forward.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def attention(q, k, v, cu_seqlens, max_seq_len, window, scale, backend):
-    """reference_attention's semantics through the given backend (attention_backend chooses it)."""
+    """reference_attention's semantics through the given backend (attention_backend chooses it).
+    window (int32) and scale (float64): 0-d CPU tensors."""
     if backend == "reference":
         return reference_attention(q, k, v, cu_seqlens, window, scale)
-    if backend == "fa4":
-        return fa4_forward(q, k, v, cu_seqlens, max_seq_len, window, scale)[0]
-    if backend == "fa3":
-        out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len,
-                                     softmax_scale=scale, causal=True, window_size=(window, 0))
-        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the logsumexp
-    from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seq_len, max_seq_len, scale=scale,
-                       window_size=(window, 0))
+    return attention_forward(q, k, v, cu_seqlens, max_seq_len, window, scale, backend)[0]
+
+
+def window_tensor(windows):
+    """The model's windows argument: (short, long) in 128-token blocks as an int32 CPU tensor of tokens."""
+    return torch.tensor([128 * w for w in windows], dtype=torch.int32)
 
 
 def mlp(x, c_fc, c_proj):
@@ -950,7 +964,8 @@ def eval_loss(x, lm_head, targets, chunk_rows=32768):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size=VOCAB_SIZE, num_heads=6, head_dim=128, model_dim=768, max_len=262144,
-                 dtype=torch.bfloat16, device=None, attention="auto"):
+                 dtype=torch.bfloat16, device=None, attention="auto", world_size=None):
+        """world_size: the ranks the scalars are padded for (default: the process group's size, else 1)."""
         super().__init__()
         self.attention_backend = attention_backend(attention, device or "cpu")
         d, hidden = model_dim, 4 * model_dim
@@ -980,7 +995,8 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS, **f32))
         self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05, **f32))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
-        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
         scalars = torch.ones(2 * NUM_LAYERS + 3 + (-(2 * NUM_LAYERS + 3)) % world_size, **f32)
         scalars[:2 * NUM_LAYERS:2] = 0.5
         scalars[SMEAR_LAMBDA], scalars[BACKOUT_LAMBDA], scalars[SKIP_LAMBDA] = 0.0, 0.5, -1.5
@@ -1017,9 +1033,9 @@ class GPT(nn.Module):
     def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None,
                 grad_scale=1.0):
         """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
-        windows: (short, long) in 128-token blocks."""
+        windows: window_tensor((short, long)), attention windows in tokens, read at run time."""
         dt = self.embed.dtype
-        short, long = (128 * w for w in windows)
+        short, long = windows.unbind(0)
         scalars = self.scalars
         attn_banks = self.attn_bank.unbind(0)
         mlp_banks = [pair.unbind(0) for pair in self.mlp_bank.unbind(0)]
@@ -1391,8 +1407,11 @@ STAGES = (
     Stage(393216, 2048, (5, 11), 1.73, (1.0,), (1.0,)),
 )
 EXTENSION = Stage(393216, 2048, (6, 13), 1.73, (1.0,), (1.0,))
+STAGE_NAMES = ("stage 1", "stage 2", "stage 3", "extension")
 FINAL_VAL_WINDOWS = (6, 20)  # the final validation looks further, without a YaRN update
 VAL_BATCH_TOKENS = 2_097_152  # per val step, 8 slots of 262,144 for every world size
+VAL_LOCAL_TOKENS = VAL_BATCH_TOKENS // SLOTS_PER_STEP
+LOSS_SCALE = 1 / SLOTS_PER_STEP  # 1/grad_accum, with the 1/world of the average folded in
 COOLDOWN_START_FRAC, COOLDOWN_END_MULTIPLIER = 0.4, 0.15
 MOMENTUM_WARMUP_STEPS, MOMENTUM_COOLDOWN_STEPS = 300, 50
 
@@ -1406,8 +1425,10 @@ class Schedule:
     def stage_ranges(self):
         """(name, first step, end step) of every stage that has steps, the extension last."""
         ends = self.starts[1:] + [self.total]
-        return [(f"stage {i + 1}" if i < 3 else "extension", first, end)
-                for i, (first, end) in enumerate(zip(self.starts, ends)) if end > first]
+        return [(STAGE_NAMES[i], first, end) for i, (first, end) in enumerate(zip(self.starts, ends)) if end > first]
+
+    def stage_name(self, step):
+        return STAGE_NAMES[self.stage_index(step)]
 
     def stage_index(self, step):
         """0, 1, 2 for the stages, 3 for the extension."""
@@ -1439,7 +1460,8 @@ class Schedule:
         return step % 2 == 1 or step == self.split_step
 
     def warmup_steps(self):
-        """Steps that compile every shape: the first two and two on each side of every stage start."""
+        """Steps that run every graph and optimizer path: the first two and two on each side of every
+        stage start."""
         steps = {0, 1}
         for s in self.starts[1:]:
             steps |= {s - 2, s - 1, s, s + 1}
@@ -1477,9 +1499,14 @@ class Hyperparameters:
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
     run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file (default: a fresh uuid)")
     seed: int = hyperparameter(0, "seed of the model's initialisation")
+    profile: int = hyperparameter(0, "profile a few steps of this stage (1, 2 or 3) after the warm-up, print GPU "
+                                      "time by kernel category, write a Chrome trace to logs/ and exit; 0: train")
+    parallel_compile: str = hyperparameter("auto", "worker processes compile the later stages' graphs during the "
+                                                   "warm-up (auto: unless the caches hold them already)")
 
 
-CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off")}
+CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off"),
+           "parallel_compile": ("auto", "on", "off")}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1532,6 +1559,14 @@ def check_arguments(hp, world_size):
             problems.append(f"--{name} must be 0 or a positive number, not {getattr(hp, name)}")
     if not 0 <= hp.muon_beta2 < 1:
         problems.append(f"--muon_beta2 must lie in [0, 1), not {hp.muon_beta2}")
+    if hp.profile not in (0, 1, 2, 3):
+        problems.append(f"--profile takes a stage, 1, 2 or 3 (or 0 to train), not {hp.profile}")
+    elif hp.profile:
+        schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
+        length = schedule.starts[hp.profile] - schedule.starts[hp.profile - 1]
+        if length < 6:
+            problems.append(f"--profile {hp.profile} runs 6 steps of stage {hp.profile}, which has {length} here: "
+                            "raise --num_scheduled_iterations")
     if hp.sparse_bigram == "on" and world_size == 1:
         problems.append("--sparse_bigram on exchanges gradients between GPUs, and this run has one: use auto or off")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", hp.run_id) or hp.run_id.startswith("."):
@@ -1628,15 +1663,180 @@ class Logger:
         self("=" * 100, console=False)
 
 
+def graph_key(stage):
+    """Stages of equal shapes share a compiled training graph (stage 3 and the extension do)."""
+    return stage.batch_tokens, stage.max_seq_len, len(stage.mtp_start)
+
+
+def run_training_graph(compiled, batch, stage, mtp):
+    """The summed training loss of a micro-batch; mtp: the step's weights on the GPU."""
+    return compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash, stage.max_seq_len,
+                    window_tensor(stage.windows), mtp, LOSS_SCALE)
+
+
+def run_eval_graph(compiled, batch, windows):
+    return compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash, VAL_LOCAL_TOKENS,
+                    window_tensor(windows))
+
+
+def compile_graph(hp, rank, world_size, device_index, stage):
+    """Compile the model graph of one stage (None: the evaluation graph) by running it once on a real
+    batch, as the main process's warm-up will. Inductor, Triton and FA4 keep what they compile in
+    on-disk caches, where the main process finds it. Returns (seconds, GPU peak in GiB)."""
+    t0 = time.perf_counter()
+    device = torch.device("cuda", device_index)
+    torch.cuda.set_device(device)
+    model = GPT(device=device, attention=hp.attention, world_size=world_size)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    grad_accum = SLOTS_PER_STEP // world_size
+    if stage is None:
+        batches = validation_batches(hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS, grad_accum, rank, world_size,
+                                     device)
+        with torch.no_grad():
+            run_eval_graph(compiled, next(batches), FINAL_VAL_WINDOWS)
+    else:
+        batches = distributed_data_generator(hp.train_files, stage.batch_tokens, stage.max_seq_len, grad_accum,
+                                             rank, world_size, device)
+        mtp = torch.tensor(stage.mtp_start, dtype=torch.float32, device=device)
+        (run_training_graph(compiled, next(batches), stage, mtp) * LOSS_SCALE).backward()
+    batches.close()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def compile_worker(sender, threads, *args):
+    """Process entry: compile_graph(*args) with this many Triton compile threads; sends its result
+    or its error as one line."""
+    try:
+        torch._inductor.config.compile_threads = threads
+        sender.send(compile_graph(*args))
+    except Exception as e:  # the main process logs it and compiles the graph itself
+        sender.send(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+
+
+class CompileWorker:
+    """A process compiling one graph ahead of the main process's warm-up."""
+
+    def __init__(self, context, name, threads, *args):
+        self.name = name
+        self.receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=compile_worker, args=(sender, threads, *args))
+        self.process.start()
+        sender.close()
+
+    def result(self):
+        """(seconds, GPU peak GiB), or what went wrong as one line."""
+        try:
+            return self.receiver.recv()
+        except EOFError:
+            self.process.join()
+            return f"the process exited with code {self.process.exitcode}"
+        finally:
+            self.process.join()
+
+    def stop(self):
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def warm_cache_marker(attention, world_size):
+    """A file in Inductor's cache folder named by what the compiled graphs depend on (this script, the
+    libraries, the GPU, the attention backend, the world size), written after a warm-up. Where it
+    exists the caches hold this run's graphs, and compile workers would only slow the start."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    with open(__file__, "rb") as f:
+        key = hashlib.sha256(f.read())
+    key.update(f"{torch.__version__} {triton.__version__} {torch.cuda.get_device_name()} "
+               f"{describe_attention_backend(attention)} {world_size}".encode())
+    return os.path.join(cache_dir(), f"speedrun_warm_{key.hexdigest()[:16]}")
+
+
+def compile_snapshot():
+    """Cumulative compile timers of this process (seconds), cache counters, machine CPU seconds and the clock."""
+    from torch._dynamo.utils import compile_times, counters
+    names, values = compile_times(repr="csv", aggregate=True)
+    timers = dict(zip(names, map(float, values)))
+    try:  # every process on the machine: the workers, the compile pools, other ranks
+        with open("/proc/stat") as f:
+            cpu = sum(map(int, f.readline().split()[1:4])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        cpu = float("nan")
+    cache = {name: counters[group][name] for group, name in (("inductor", "fxgraph_cache_hit"),
+                                                               ("inductor", "fxgraph_cache_miss"),
+                                                               ("aot_autograd", "autograd_cache_hit"))}
+    return dict(timers, **cache, cpu=cpu, wall=time.perf_counter())
+
+
+def describe_compile(before, after):
+    """Where the time between two snapshots went: Dynamo tracing, AOTAutograd, Inductor's lowering and
+    code generation, waiting for Triton's compile pool, and the rest (running, FA4's JIT, data)."""
+    d = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    user_compiler = d.get("OutputGraph.call_user_compiler", 0.0) + d.get("compile_fx.<locals>.bw_compiler", 0.0)
+    parts = {"dynamo": d.get("_compile.compile_inner", 0.0) - d.get("OutputGraph.call_user_compiler", 0.0),
+             "aot": user_compiler - d.get("compile_fx_inner", 0.0),
+             "inductor": d.get("compile_fx_inner", 0.0) - d.get("async_compile.wait", 0.0),
+             "triton": d.get("async_compile.wait", 0.0)}
+    parts = {name: max(0.0, seconds) for name, seconds in parts.items()}  # no -0.0 from rounding
+    parts["other"] = d["wall"] - sum(parts.values())
+    split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
+    return (f"{d['wall']:.1f}s ({split}; {d['cpu'] / d['wall']:.1f} CPUs busy; cache hits: "
+            f"{d['fxgraph_cache_hit']:.0f} Inductor, {d['autograd_cache_hit']:.0f} AOT, "
+            f"{d['fxgraph_cache_miss']:.0f} Inductor misses)")
+
+
+# --profile: GPU kernels by category. NCCL's are NCCL, the others launched inside the optimizer's
+# step are optimizer, and the first category with a pattern in the kernel's name takes the rest.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha")),
+    ("linear+ReLU^2 kernel", ("linear_relu_square",)),
+    ("cross-entropy kernels", ("softcap_ce",)),
+    ("transposes", ("transpose",)),
+    ("FP8 GEMMs", ("e4m3", "e5m2", "_qq", "_qr", "_rq")),  # cuBLAS's nvjet names: q e4m3, r e5m2
+    ("bf16 GEMMs", ("gemm", "nvjet", "xmma", "cutlass", "splitk")),
+    ("Inductor kernels", ("triton_",)),
+    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
+    ("eager PyTorch kernels", ("at::native",)),
+)
+
+
+def kernel_category(name, in_optimizer):
+    lowered = name.lower()
+    if "nccl" in lowered:
+        return "NCCL"
+    if in_optimizer:
+        return "optimizer"
+    return next((c for c, patterns in KERNEL_CATEGORIES if any(p in lowered for p in patterns)), "other")
+
+
+def profile_table(kernels, optimizer_ranges, span, steps):
+    """Rows (category, ms/step, share of the span, kernels/step) from GPU kernels (name, start, end) in
+    microseconds, optimizer_ranges (start, end) on the GPU timeline, and the profiled span; then the
+    GPU's idle time (the span less the union of kernel intervals) and the whole step."""
+    totals, counts = {}, {}
+    for name, start, end in kernels:
+        category = kernel_category(name, any(a <= start < b for a, b in optimizer_ranges))
+        totals[category] = totals.get(category, 0.0) + end - start
+        counts[category] = counts.get(category, 0) + 1
+    busy, covered_to = 0.0, -math.inf
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):  # union of intervals (streams overlap)
+        busy += max(0.0, end - max(start, covered_to))
+        covered_to = max(covered_to, end)
+    rows = [(c, totals[c] / steps / 1000, totals[c] / span, counts[c] / steps)
+            for c in sorted(totals, key=totals.get, reverse=True)]
+    rows.append(("idle (no kernel running)", (span - busy) / steps / 1000, (span - busy) / span, 0))
+    rows.append(("step", span / steps / 1000, 1.0, len(kernels) / steps))
+    return rows
+
+
 class Trainer:
     def __init__(self, hp, rank, world_size, device):
         self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
         self.grad_accum = check_world_size(world_size)
-        self.grad_scale = 1 / SLOTS_PER_STEP  # 1/grad_accum, with the 1/world of the average folded in
         self.schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
         sparse = {"auto": world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[hp.sparse_bigram]
         torch.manual_seed(hp.seed)
-        self.model = GPT(device=device, attention=hp.attention)
+        self.model = GPT(device=device, attention=hp.attention, world_size=world_size)
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
@@ -1644,7 +1844,6 @@ class Trainer:
                                      adam_eps=hp.adam_eps, adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr,
                                      muon_beta2=hp.muon_beta2, muon_weight_decay=hp.muon_weight_decay)
         self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True)
-        self.val_local_tokens = VAL_BATCH_TOKENS // SLOTS_PER_STEP
 
     def loader(self):
         stage = self.schedule.stage(0)
@@ -1659,13 +1858,13 @@ class Trainer:
         adam_step = self.schedule.adam_step(step)
         for i, batch in enumerate(batches):
             self.optimizer.add_bigram_rows(batch.bigram_rows)
-            loss = self.compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash,
-                                 stage.max_seq_len, stage.windows, mtp, self.grad_scale)
+            loss = run_training_graph(self.compiled, batch, stage, mtp)
             if adam_step and self.optimizer.sparse_bigram and i == len(batches) - 1:
                 self.optimizer.prepare_bigram_exchange()  # host work and small messages while the GPU computes
-            (loss * self.grad_scale).backward()
-            total += loss.detach() * self.grad_scale
-        self.optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step), adam_step)
+            (loss * LOSS_SCALE).backward()
+            total += loss.detach() * LOSS_SCALE
+        with torch.profiler.record_function("optimizer"):  # the --profile table's optimizer row
+            self.optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step), adam_step)
         if step == self.schedule.split_step:
             self.optimizer.untie()
         return total
@@ -1688,33 +1887,74 @@ class Trainer:
     def validate(self, windows, val_batches=None):
         """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
         if val_batches is None:
-            val_batches = validation_batches(self.hp.val_files, self.hp.val_tokens, self.val_local_tokens,
+            val_batches = validation_batches(self.hp.val_files, self.hp.val_tokens, VAL_LOCAL_TOKENS,
                                              self.grad_accum, self.rank, self.world_size, self.device)
         total, count = torch.zeros((), device=self.device), 0
         for batch in val_batches:
-            total += self.compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash,
-                                   self.val_local_tokens, windows)
+            total += run_eval_graph(self.compiled, batch, windows)
             count += 1
         if self.world_size > 1:
             dist.all_reduce(total)
         return total.item() / (count * self.world_size)
 
-    def warmup(self, log):
-        """Compile every shape on real batches (one eval forward and one training step at each warm-up
-        step), then restore the initial model, optimizer, rotary and loader: warm-up trains nothing."""
+    def start_compile_workers(self):
+        """One worker process per graph after the main process's first (stage 1's training graph),
+        on this rank's GPU, sharing the machine's CPUs with the other ranks' workers."""
+        stages = {}
+        for _, first, _ in self.schedule.stage_ranges():
+            stages.setdefault(graph_key(self.schedule.stage(first)), self.schedule.stage(first))
+        jobs = [(key, stage) for key, stage in list(stages.items())[1:]] + [("eval", None)]
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) * (len(jobs) + 1)
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        context = multiprocessing.get_context("spawn")
+        return {key: CompileWorker(context, "the evaluation graph" if stage is None else
+                                   f"the training graph of {stage.batch_tokens:,} tokens/step", threads,
+                                   self.hp, self.rank, self.world_size, self.device.index, stage)
+                for key, stage in jobs}
+
+    @staticmethod
+    def await_worker(workers, key, log):
+        """Wait for the worker compiling this graph, if one does: the main process then loads it from the cache."""
+        if key in workers:
+            worker = workers.pop(key)
+            result = worker.result()
+            if isinstance(result, str):
+                log(f"warm-up: the worker compiling {worker.name} failed ({result}); compiling it here")
+            else:
+                log(f"warm-up: a worker compiled {worker.name} in {result[0]:.1f}s (GPU peak {result[1]:.1f} GiB)")
+
+    def warmup(self, log, launch_time):
+        """Compile every graph on real batches (a training step and an eval forward at each warm-up
+        step), then restore the initial model, optimizer, rotary and loader: warm-up trains nothing.
+        Meanwhile worker processes compile the later graphs (--parallel_compile)."""
         initial_model = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         initial_optimizer = self.optimizer.state_dict()
-        val_batch = [next(validation_batches(self.hp.val_files, VAL_BATCH_TOKENS, self.val_local_tokens,
-                                             self.grad_accum, self.rank, self.world_size, self.device))]
-        loader = self.loader()
-        for step in self.schedule.warmup_steps():
-            t0 = time.perf_counter()
-            self.apply_yarn(step)
-            self.validate(self.schedule.stage(step).windows, val_batch)
-            self.train_step(step, self.micro_batches(loader, step))
-            torch.cuda.synchronize()
-            log(f"warm-up step {step}: {time.perf_counter() - t0:.1f}s")
-        self.validate(FINAL_VAL_WINDOWS, val_batch)
+        marker = warm_cache_marker(self.model.attention_backend, self.world_size)
+        parallel = {"on": True, "off": False, "auto": not os.path.exists(marker)}[self.hp.parallel_compile]
+        log(f"warm-up: {'compile workers' if parallel else 'no compile workers'} (--parallel_compile "
+            f"{self.hp.parallel_compile}; {'warm' if os.path.exists(marker) else 'cold'} caches)")
+        workers = self.start_compile_workers() if parallel else {}
+        try:
+            val_batch = [next(validation_batches(self.hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS,
+                                                 self.grad_accum, self.rank, self.world_size, self.device))]
+            loader = self.loader()
+            for step in self.schedule.warmup_steps():
+                stage = self.schedule.stage(step)
+                log(f"warm-up step {step} ({self.schedule.stage_name(step)}): "
+                    f"{time.perf_counter() - launch_time:.0f}s since launch")
+                before = compile_snapshot()
+                self.apply_yarn(step)
+                self.await_worker(workers, graph_key(stage), log)
+                self.train_step(step, self.micro_batches(loader, step))
+                self.await_worker(workers, "eval", log)
+                self.validate(stage.windows, val_batch)
+                torch.cuda.synchronize()
+                log(f"warm-up step {step} done in {describe_compile(before, compile_snapshot())}")
+        finally:
+            for worker in workers.values():
+                worker.stop()
+        open(marker, "w").close()
+        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(initial_model[n])
@@ -1724,13 +1964,47 @@ class Trainer:
         loader.close()
         log("Resetting Model")
 
+    def profile(self, log, launch_time, warm_steps=2, profiled_steps=4):
+        """--profile N: after the warm-up, run stage N's first steps, profile the last profiled_steps
+        with torch.profiler, write a Chrome trace to logs/ and log GPU time per step by category."""
+        from torch.profiler import ProfilerActivity, profile
+        self.warmup(log, launch_time)
+        first = self.schedule.starts[self.hp.profile - 1]
+        for step in range(1, first + 1):
+            self.apply_yarn(step)
+        stage = self.schedule.stage(first)
+        loader = distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
+                                            self.grad_accum, self.rank, self.world_size, self.device)
+        def run(step):
+            self.train_step(step, [next(loader) for _ in range(self.grad_accum)])
+        for step in range(first, first + warm_steps):
+            run(step)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for step in range(first + warm_steps, first + warm_steps + profiled_steps):
+                run(step)
+            torch.cuda.synchronize()
+        loader.close()
+        gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in gpu if not e.is_user_annotation]
+        optimizer = [(e.time_range.start, e.time_range.end) for e in gpu
+                     if e.is_user_annotation and e.name == "optimizer"]
+        span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
+        log(f"profile of {self.schedule.stage_name(first)}, steps {first + warm_steps}-"
+            f"{first + warm_steps + profiled_steps - 1}, rank {self.rank}: GPU time per step")
+        log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
+        for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
+            log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
+        trace = os.path.join("logs", f"{self.hp.run_id}_rank{self.rank}_trace.json")
+        prof.export_chrome_trace(trace)
+        log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
+
     def train(self, log, launch_time):
-        self.warmup(log)
+        self.warmup(log, launch_time)
         schedule, total_steps = self.schedule, self.schedule.total
         loader = self.loader()
         step_times = [[] for _ in range(4)]
         torch.cuda.synchronize()
-        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch to the first timed step")
         train_time = 0.0
         for step in range(total_steps + 1):
             last = step == total_steps
@@ -1808,7 +2082,7 @@ def main(argv=None):
     try:
         trainer = Trainer(hp, rank, world_size, device)
         log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
-        trainer.train(log, launch_time)
+        (trainer.profile if hp.profile else trainer.train)(log, launch_time)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
