@@ -1791,10 +1791,10 @@ KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha")),
     ("linear+ReLU^2 kernel", ("linear_relu_square",)),
     ("cross-entropy kernels", ("softcap_ce",)),
+    ("Inductor kernels", ("triton_",)),
     ("transposes", ("transpose",)),
     ("FP8 GEMMs", ("e4m3", "e5m2", "_qq", "_qr", "_rq")),  # cuBLAS's nvjet names: q e4m3, r e5m2
     ("bf16 GEMMs", ("gemm", "nvjet", "xmma", "cutlass", "splitk")),
-    ("Inductor kernels", ("triton_",)),
     ("copies and fills", ("memcpy", "memset", "copy", "fill")),
     ("eager PyTorch kernels", ("at::native",)),
 )

@@ -581,6 +581,8 @@ def test_kernel_categories():
     assert tg.kernel_category("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", False) == "FP8 GEMMs"
     assert tg.kernel_category("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NNN", False) == "bf16 GEMMs"
     assert tg.kernel_category("triton_red_fused__to_copy_add_mean_3", False) == "Inductor kernels"
+    assert tg.kernel_category("triton_poi_fused_transpose_view_5", False) == "Inductor kernels"
+    assert tg.kernel_category("_transpose_kernel", False) == "transposes"
     assert tg.kernel_category("Memcpy HtoD (Pinned -> Device)", False) == "copies and fills"
     assert tg.kernel_category("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", False) == (
         "eager PyTorch kernels")
