@@ -605,11 +605,40 @@ def test_describe_compile_splits_a_compile():
     after = tg.compile_snapshot()
     line = tg.describe_compile(before, after)
     m = re.fullmatch(r"([\d.]+)s \(dynamo ([\d.]+), aot ([\d.]+), inductor ([\d.]+), triton ([\d.]+), other "
-                     r"(-?[\d.]+); ([\d.]+|nan) CPUs busy; cache hits: \d+ Inductor, \d+ AOT, \d+ Inductor misses\)",
-                     line)
+                     r"(-?[\d.]+); ([\d.]+|nan) CPUs busy; cache hits: \d+ Inductor, \d+ AOT, \d+ Inductor misses, "
+                     r"\d+ AOT bypasses\)", line)
     assert m, line
     wall, dynamo, aot, inductor, triton, other = map(float, m.groups()[:6])
     assert wall > 0 and dynamo > 0 and inductor > 0 and abs(dynamo + aot + inductor + triton + other - wall) < 0.2
+
+
+def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
+    """With the script's settings a graph holding a custom autograd Function, as the model's do, is
+    kept by AOTAutograd's cache: a second process loads it instead of tracing it again."""
+    import subprocess
+    program = """if True:
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import train_gpt
+        from torch._dynamo.utils import counters
+
+        class Double(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return 2 * x
+
+            @staticmethod
+            def backward(ctx, grad):
+                return 2 * grad
+
+        step = torch.compile(lambda x: Double.apply(x).sin().sum(), fullgraph=True, dynamic=False)
+        step(torch.randn(8, requires_grad=True)).backward()
+        print(counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_bypass"])
+    """
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", program, os.path.dirname(os.path.abspath(__file__))],
+                           capture_output=True, text=True, env=env) for _ in range(2)]
+    assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
 
 def test_a_failing_compile_worker_reports_one_line():
