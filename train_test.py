@@ -609,7 +609,8 @@ def test_describe_compile_splits_a_compile():
                      r"\d+ AOT bypasses\)", line)
     assert m, line
     wall, dynamo, aot, inductor, triton, other = map(float, m.groups()[:6])
-    assert wall > 0 and dynamo > 0 and inductor > 0 and abs(dynamo + aot + inductor + triton + other - wall) < 0.2
+    assert wall > 0 and dynamo > 0 and inductor > 0
+    assert abs(dynamo + aot + inductor + triton + other - wall) <= 0.3  # six values rounded to 0.1
 
 
 def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
