@@ -572,21 +572,21 @@ def test_profile_needs_a_stage_with_six_steps():
 
 
 def test_kernel_categories():
-    assert tg.kernel_category("ncclDevKernel_AllReduce_Sum_f32", True) == "NCCL"
-    assert tg.kernel_category("triton_poi_fused_lerp_0", True) == "optimizer"
-    assert tg.kernel_category("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", False) == "attention"
-    assert tg.kernel_category("_linear_relu_square_kernel", False) == "linear+ReLU^2 kernel"
-    assert tg.kernel_category("_softcap_ce_backward_kernel", False) == "cross-entropy kernels"
-    assert tg.kernel_category("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n", False) == "FP8 GEMMs"
-    assert tg.kernel_category("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", False) == "FP8 GEMMs"
-    assert tg.kernel_category("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NNN", False) == "bf16 GEMMs"
-    assert tg.kernel_category("triton_red_fused__to_copy_add_mean_3", False) == "Inductor kernels"
-    assert tg.kernel_category("triton_poi_fused_transpose_view_5", False) == "Inductor kernels"
-    assert tg.kernel_category("_transpose_kernel", False) == "transposes"
-    assert tg.kernel_category("Memcpy HtoD (Pinned -> Device)", False) == "copies and fills"
-    assert tg.kernel_category("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", False) == (
-        "eager PyTorch kernels")
-    assert tg.kernel_category("void cub::DeviceRadixSortOnesweepKernel", False) == "other"
+    cases = [("ncclDevKernel_AllReduce_Sum_f32", True, "NCCL"),
+             ("triton_poi_fused_lerp_0", True, "optimizer"),
+             ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", False, "attention"),
+             ("_linear_relu_square_kernel", False, "linear+ReLU^2 kernel"),
+             ("_softcap_ce_backward_kernel", False, "cross-entropy kernels"),
+             ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n", False, "FP8 GEMMs"),
+             ("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", False, "FP8 GEMMs"),
+             ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NNN", False, "bf16 GEMMs"),
+             ("triton_red_fused__to_copy_add_mean_3", False, "Inductor kernels"),
+             ("triton_poi_fused_transpose_view_5", False, "Inductor kernels"),
+             ("_transpose_kernel", False, "transposes"),
+             ("Memcpy HtoD (Pinned -> Device)", False, "copies and fills"),
+             ("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", False, "eager PyTorch kernels"),
+             ("void cub::DeviceRadixSortOnesweepKernel", False, "other")]
+    assert [tg.kernel_category(name, in_optimizer) for name, in_optimizer, _ in cases] == [c[2] for c in cases]
 
 
 def test_profile_table_counts_overlaps_once_and_the_idle_time():
