@@ -1982,8 +1982,12 @@ class Trainer:
         stage = self.schedule.stage(first)
         loader = distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
                                             self.grad_accum, self.rank, self.world_size, self.device)
-        def run(step):
-            self.train_step(step, [next(loader) for _ in range(self.grad_accum)])
+        batches = [next(loader) for _ in range(self.grad_accum)]
+
+        def run(step):  # as train() does: the next step's batches are built while the GPU computes
+            nonlocal batches
+            self.train_step(step, batches)
+            batches = [next(loader) for _ in range(self.grad_accum)]
         for step in range(first, first + warm_steps):
             run(step)
         torch.cuda.synchronize()
