@@ -1984,17 +1984,16 @@ class Trainer:
                                             self.grad_accum, self.rank, self.world_size, self.device)
         batches = [next(loader) for _ in range(self.grad_accum)]
 
-        def run(step):  # as train() does: the next step's batches are built while the GPU computes
+        def run(step):  # as the timed loop in train(): the next batches are built while the GPU computes
             nonlocal batches
             self.train_step(step, batches)
             batches = [next(loader) for _ in range(self.grad_accum)]
+            torch.cuda.synchronize()
         for step in range(first, first + warm_steps):
             run(step)
-        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for step in range(first + warm_steps, first + warm_steps + profiled_steps):
                 run(step)
-            torch.cuda.synchronize()
         loader.close()
         gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in gpu if not e.is_user_annotation]
