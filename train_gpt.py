@@ -1730,8 +1730,12 @@ class CompileWorker:
         self.process.start()
         sender.close()
 
-    def result(self):
-        """(seconds, GPU peak GiB), or what went wrong as one line."""
+    def result(self, timeout=900):
+        """(seconds, GPU peak GiB), or what went wrong as one line. A worker silent for timeout seconds
+        (a cold compile takes one or two minutes) is stopped: the main process compiles its graph."""
+        if not self.receiver.poll(timeout):
+            self.stop()
+            return f"no result after {timeout} s"
         try:
             return self.receiver.recv()
         except EOFError:

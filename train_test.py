@@ -642,15 +642,19 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
 
-def test_a_failing_compile_worker_reports_one_line():
+def test_compile_worker_failures_are_one_line():
     """A worker that cannot compile (no GPU here, or a bad device index on a GPU machine) reports why
-    in one line instead of a traceback; the main process then compiles the graph itself."""
+    in one line instead of a traceback, and one silent past the timeout is stopped; the main process
+    then compiles the graph itself."""
     import multiprocessing
     worker = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1, tg.Hyperparameters(), 0, 1,
                               torch.cuda.device_count() + 5, tg.STAGES[0])
     result = worker.result()
     assert isinstance(result, str) and "\n" not in result and result.split(":")[0].endswith("Error"), result
     assert not worker.process.is_alive()
+    slow = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1, tg.Hyperparameters(), 0, 1, 0,
+                            tg.STAGES[0])
+    assert slow.result(timeout=0.01) == "no result after 0.01 s" and not slow.process.is_alive()
 
 
 def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
