@@ -1684,6 +1684,13 @@ def run_eval_graph(compiled, batch, windows):
                     window_tensor(windows))
 
 
+def build_model(hp, world_size, device):
+    """The model and its compiled form. Compile workers build theirs here too: the same options give
+    the same graphs, and so the cache entries the main process looks for."""
+    model = GPT(device=device, attention=hp.attention, world_size=world_size)
+    return model, torch.compile(model, dynamic=False, fullgraph=True)
+
+
 def compile_graph(hp, rank, world_size, device_index, stage):
     """Compile the model graph of one stage (None: the evaluation graph) by running it once on a real
     batch, as the main process's warm-up will. Inductor, Triton and FA4 keep what they compile in
@@ -1691,8 +1698,7 @@ def compile_graph(hp, rank, world_size, device_index, stage):
     t0 = time.perf_counter()
     device = torch.device("cuda", device_index)
     torch.cuda.set_device(device)
-    model = GPT(device=device, attention=hp.attention, world_size=world_size)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    _, compiled = build_model(hp, world_size, device)
     grad_accum = SLOTS_PER_STEP // world_size
     if stage is None:
         batches = validation_batches(hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS, grad_accum, rank, world_size,
@@ -1847,17 +1853,17 @@ class Trainer:
         self.schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
         sparse = {"auto": world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[hp.sparse_bigram]
         torch.manual_seed(hp.seed)
-        self.model = GPT(device=device, attention=hp.attention, world_size=world_size)
+        self.model, self.compiled = build_model(hp, world_size, device)
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
         self.optimizer = NorMuonAdam(self.model, rank, world_size, sparse_bigram=sparse, adam_lr=hp.adam_lr,
                                      adam_eps=hp.adam_eps, adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr,
                                      muon_beta2=hp.muon_beta2, muon_weight_decay=hp.muon_weight_decay)
-        self.compiled = torch.compile(self.model, dynamic=False, fullgraph=True)
 
-    def loader(self):
-        stage = self.schedule.stage(0)
+    def loader(self, first_step=0):
+        """Training micro-batches from the first shard on, at the shapes of first_step's stage."""
+        stage = self.schedule.stage(first_step)
         return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
                                           self.grad_accum, self.rank, self.world_size, self.device)
 
@@ -1941,9 +1947,10 @@ class Trainer:
         initial_model = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         initial_optimizer = self.optimizer.state_dict()
         marker = warm_cache_marker(self.model.attention_backend, self.world_size)
-        parallel = {"on": True, "off": False, "auto": not os.path.exists(marker)}[self.hp.parallel_compile]
+        warm = os.path.exists(marker)
+        parallel = {"on": True, "off": False, "auto": not warm}[self.hp.parallel_compile]
         log(f"warm-up: {'compile workers' if parallel else 'no compile workers'} (--parallel_compile "
-            f"{self.hp.parallel_compile}; {'warm' if os.path.exists(marker) else 'cold'} caches)")
+            f"{self.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
         workers = self.start_compile_workers() if parallel else {}
         try:
             val_batch = [next(validation_batches(self.hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS,
@@ -1983,9 +1990,7 @@ class Trainer:
         first = self.schedule.starts[self.hp.profile - 1]
         for step in range(1, first + 1):
             self.apply_yarn(step)
-        stage = self.schedule.stage(first)
-        loader = distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
-                                            self.grad_accum, self.rank, self.world_size, self.device)
+        loader = self.loader(first)
         batches = [next(loader) for _ in range(self.grad_accum)]
 
         def run(step):  # as the timed loop in train(): the next batches are built while the GPU computes
