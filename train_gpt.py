@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
+from torch._dynamo.utils import compile_times, counters
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -383,9 +384,9 @@ def ba_plus_cAA(a, out, alpha, beta, **config):
 
 @triton.jit
 def _transpose_kernel(src_ptr, dst_ptr, M, N, stride_sm, stride_sn, stride_dn, stride_dm,
-                      ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # offsets pass 2^31 elements
-    cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+                      ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # offsets pass 2^31 elements
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tile = tl.trans(tl.load(src_ptr + rows[:, None] * stride_sm + cols[None, :] * stride_sn, mask=mask))
     dst = dst_ptr + cols[:, None] * stride_dn + rows[None, :] * stride_dm
@@ -394,77 +395,89 @@ def _transpose_kernel(src_ptr, dst_ptr, M, N, stride_sm, stride_sn, stride_dn, s
     tl.store(dst, tile.to(dst_ptr.dtype.element_ty), mask=tl.trans(mask))
 
 
-def _launch_transpose(src, dst, accumulate, block):
+def _launch_transpose(src, dst, accumulate, block_m=64, block_n=64, num_warps=4):
     m, n = src.shape
     assert dst.shape == (n, m), f"transpose of {tuple(src.shape)} does not fit into {tuple(dst.shape)}"
-    _transpose_kernel[(triton.cdiv(m, block), triton.cdiv(n, block))](
+    _transpose_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         src, dst, m, n, src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
-        ACCUMULATE=accumulate, BLOCK=block, num_warps=4)
+        ACCUMULATE=accumulate, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return dst
 
 
-def transpose_copy(src, dst, block=64):
+def transpose_copy(src, dst, **config):
     """dst (N, M) = src^T for src (M, N)."""
-    return _launch_transpose(src, dst, False, block)
+    return _launch_transpose(src, dst, False, **config)
 
 
-def transpose_add(src, dst, block=64):
+def transpose_add(src, dst, **config):
     """dst (N, M) += src^T for src (M, N)."""
-    return _launch_transpose(src, dst, True, block)
+    return _launch_transpose(src, dst, True, **config)
 
 
-def transposed(src):
+def transposed(src, **config):
     """A contiguous copy of src^T."""
-    return transpose_copy(src, src.new_empty(src.size(1), src.size(0)))
+    return transpose_copy(src, src.new_empty(src.size(1), src.size(0)), **config)
 
 
 # Fused linear + ReLU^2 (MLP up-projection), a persistent matmul with a fused epilogue; operands
 # move through TMA tensor descriptors (Hopper's bulk copy engine), faster than pointer loads (README).
-# Forward:  acc = x @ W^T;  pre = acc,  post = relu(pre)^2 (from the rounded pre).
-# Backward: acc = g @ W_proj^T (same shape);  dpre = acc * 2 * relu(pre) (from the rounded acc).
+# Forward:  acc = x @ W^T;  post = relu(acc)^2 (from the rounded acc). Only post is stored.
+# Backward: acc = g @ W_proj^T (same shape);  dpre = acc * 2 * sqrt(post) (from the rounded acc),
+# which is 2 relu(pre) up to post's rounding: one (tokens x 3072) store less in the forward.
 
 
 @triton.jit
-def _relu_square_epilogue(acc, pre_desc, out_desc, m0, n0, BACKWARD: tl.constexpr):
+def _relu_square_epilogue(acc, post_desc, out_desc, m0, n0, BACKWARD: tl.constexpr):
     acc = acc.to(out_desc.dtype).to(tl.float32)
     if BACKWARD:
-        pre = pre_desc.load([m0, n0]).to(tl.float32)
-        out_desc.store([m0, n0], (acc * 2.0 * tl.maximum(pre, 0.0)).to(out_desc.dtype))
+        post = post_desc.load([m0, n0]).to(tl.float32)
+        out_desc.store([m0, n0], (acc * 2.0 * tl.sqrt(post)).to(out_desc.dtype))
     else:
-        pre_desc.store([m0, n0], acc.to(pre_desc.dtype))
         relu = tl.maximum(acc, 0.0)
         out_desc.store([m0, n0], (relu * relu).to(out_desc.dtype))
 
 
 @triton.jit
+def _tile_origin(tile, num_blocks_m, num_blocks_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """Grouped order: consecutive tiles share rows of x, keeping them in L2."""
+    blocks_per_group = GROUP_M * num_blocks_n
+    first_m = (tile // blocks_per_group) * GROUP_M
+    group_size = min(num_blocks_m - first_m, GROUP_M)
+    block_m = first_m + (tile % blocks_per_group) % group_size
+    return block_m * BLOCK_M, ((tile % blocks_per_group) // group_size) * BLOCK_N
+
+
+@triton.jit
 def _linear_relu_square_kernel(
-    x_desc, w_desc, pre_desc, out_desc, M, N, K,
+    x_desc, w_desc, post_desc, out_desc, M, N, K,
     BACKWARD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_blocks_m = tl.cdiv(M, BLOCK_M)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
-    blocks_per_group = GROUP_M * num_blocks_n
-    for tile in range(tl.program_id(0), num_blocks_m * num_blocks_n, NUM_PROGRAMS):
-        # Grouped order: consecutive tiles share rows of x, keeping them in L2.
-        first_m = (tile // blocks_per_group) * GROUP_M
-        group_size = min(num_blocks_m - first_m, GROUP_M)
-        m0 = (first_m + (tile % blocks_per_group) % group_size) * BLOCK_M
-        n0 = ((tile % blocks_per_group) // group_size) * BLOCK_N
+    epilogue_tile = tl.program_id(0) - NUM_PROGRAMS
+    # flatten: one software pipeline over tiles and K steps, so the next tile's loads start during
+    # this tile's epilogue (K = 768 is only 12 steps of 64). The epilogue recomputes its tile's
+    # origin from its own counter, which keeps the flattened loop's dependencies simple.
+    for tile in tl.range(tl.program_id(0), num_blocks_m * num_blocks_n, NUM_PROGRAMS, flatten=True):
+        m0, n0 = _tile_origin(tile, num_blocks_m, num_blocks_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # TMA loads zero-fill past the edges
-            acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([n0, k0]).T, acc)
+        for k in range(tl.cdiv(K, BLOCK_K)):  # TMA loads zero-fill past the edges
+            acc = tl.dot(x_desc.load([m0, k * BLOCK_K]), w_desc.load([n0, k * BLOCK_K]).T, acc)
+        epilogue_tile += NUM_PROGRAMS
+        m0, n0 = _tile_origin(epilogue_tile, num_blocks_m, num_blocks_n, BLOCK_M, BLOCK_N, GROUP_M)
         # The epilogue goes in two column halves: half the shared memory for the TMA stores.
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _relu_square_epilogue(left, pre_desc, out_desc, m0, n0, BACKWARD)
-        _relu_square_epilogue(right, pre_desc, out_desc, m0, n0 + BLOCK_N // 2, BACKWARD)
+        _relu_square_epilogue(left, post_desc, out_desc, m0, n0, BACKWARD)
+        _relu_square_epilogue(right, post_desc, out_desc, m0, n0 + BLOCK_N // 2, BACKWARD)
 
 
 def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch_linear_relu_square(x, w, pre, out, backward, block_m=128, block_n=256, block_k=64,
+def _launch_linear_relu_square(x, w, post, out, backward, block_m=128, block_n=256, block_k=64,
                                num_warps=8, num_stages=3, persistent=True):
     x, w = x.contiguous(), w.contiguous()  # TMA needs unit inner strides (a .sum() gradient has stride 0)
     m, k = x.shape
@@ -474,7 +487,7 @@ def _launch_linear_relu_square(x, w, pre, out, backward, block_m=128, block_n=25
     epilogue_block = [block_m, block_n // 2]
     _linear_relu_square_kernel[(num_programs,)](
         TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(w, [block_n, block_k]),
-        TensorDescriptor.from_tensor(pre, epilogue_block), TensorDescriptor.from_tensor(out, epilogue_block),
+        TensorDescriptor.from_tensor(post, epilogue_block), TensorDescriptor.from_tensor(out, epilogue_block),
         m, n, k, BACKWARD=backward, NUM_PROGRAMS=num_programs,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         num_warps=num_warps, num_stages=num_stages,
@@ -483,17 +496,16 @@ def _launch_linear_relu_square(x, w, pre, out, backward, block_m=128, block_n=25
 
 
 def linear_relu_square(x, w, **config):
-    """(pre, post) = (x @ w^T, relu(x @ w^T)^2) for x (M, K), w (N, K)."""
-    pre = x.new_empty(x.size(0), w.size(0))
-    post = torch.empty_like(pre)
-    _launch_linear_relu_square(x, w, pre, post, False, **config)
-    return pre, post
+    """post = relu(x @ w^T)^2 for x (M, K), w (N, K)."""
+    post = x.new_empty(x.size(0), w.size(0))
+    return _launch_linear_relu_square(x, w, post, post, False, **config)
 
 
-def linear_relu_square_backward(grad, w_proj, pre, **config):
-    """dpre = (grad @ w_proj^T) * 2 * relu(pre) for grad (M, K), w_proj (N, K), pre (M, N)."""
-    dpre = torch.empty_like(pre)
-    return _launch_linear_relu_square(grad, w_proj, pre, dpre, True, **config)
+def linear_relu_square_backward(grad, w_proj, post, **config):
+    """dpre = (grad @ w_proj^T) * 2 * sqrt(post), which is 2 relu(pre), for grad (M, K), w_proj (N, K)
+    and the forward's post (M, N)."""
+    dpre = torch.empty_like(post)
+    return _launch_linear_relu_square(grad, w_proj, post, dpre, True, **config)
 
 
 class ReLUSquareMLP(torch.autograd.Function):
@@ -501,17 +513,17 @@ class ReLUSquareMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, c_fc, c_proj):
-        pre, post = linear_relu_square(x, c_fc)
-        ctx.save_for_backward(x, c_fc, c_proj, pre, post)
+        post = linear_relu_square(x, c_fc)
+        ctx.save_for_backward(x, c_fc, c_proj, post)
         return post @ c_proj
 
     @staticmethod
     def backward(ctx, grad):
-        x, c_fc, c_proj, pre, post = ctx.saved_tensors
+        x, c_fc, c_proj, post = ctx.saved_tensors
         # cuBLAS first: it makes the CUDA context current in autograd's thread, which building
         # the host TMA descriptors needs (Triton's launcher would do it only after building them).
         grad_proj = post.mT @ grad
-        dpre = linear_relu_square_backward(grad, c_proj, pre)
+        dpre = linear_relu_square_backward(grad, c_proj, post)
         return dpre @ c_fc, dpre.mT @ x, grad_proj
 
 
@@ -1465,12 +1477,10 @@ class Schedule:
         return step % 2 == 1 or step == self.split_step
 
     def warmup_steps(self):
-        """Steps that run every graph and optimizer path: the first two and two on each side of every
-        stage start."""
-        steps = {0, 1}
-        for s in self.starts[1:]:
-            steps |= {s - 2, s - 1, s, s + 1}
-        return sorted(s for s in steps if 0 <= s < self.total)
+        """Steps that run every graph and optimizer path: the first two of every stage and of the
+        extension (both Adam parities; the split step is stage 3's first, the untied optimizer's
+        first step the next)."""
+        return sorted({s + i for s in self.starts for i in (0, 1) if s + i < self.total})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1770,7 +1780,6 @@ def warm_cache_marker(attention, world_size):
 
 def compile_snapshot():
     """Cumulative compile timers of this process (seconds), cache counters, machine CPU seconds and the clock."""
-    from torch._dynamo.utils import compile_times, counters
     names, values = compile_times(repr="csv", aggregate=True)
     timers = dict(zip(names, map(float, values)))
     try:  # every process on the machine: the workers, the compile pools, other ranks
@@ -2023,6 +2032,7 @@ class Trainer:
         schedule, total_steps = self.schedule, self.schedule.total
         loader = self.loader()
         step_times = [[] for _ in range(4)]
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
         torch.cuda.synchronize()
         train_time = 0.0
         for step in range(total_steps + 1):
@@ -2054,6 +2064,9 @@ class Trainer:
         for name, first, end in schedule.stage_ranges():
             times = step_times[schedule.stage_index(first)]
             log(f"{name} (steps {first}-{end - 1}): {1000 * sum(times) / len(times):.1f} ms/step")
+        if counters["stats"]["unique_graphs"] > graphs_after_warmup:
+            log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warmup} graph(s) compiled after the "
+                "warm-up: the step times above include their compilation (Schedule.warmup_steps misses a path)")
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         if self.hp.save_checkpoint:
