@@ -143,6 +143,12 @@ def test_too_many_documents(tmp_path):
         next(gen)
 
 
+def test_cu_seqlens_fits_the_fullest_fineweb_micro_batches():
+    """The most documents in one micro-batch over FineWeb's first 10 training shards (1.45M documents)."""
+    for local_tokens, most_documents in ((16384, 56), (32768, 90), (49152, 121)):
+        tg.check_doc_count(most_documents, local_tokens, "fineweb")
+
+
 def test_no_files(tmp_path):
     pattern = str(tmp_path / "nothing_*.bin")
     with pytest.raises(tg.DataError, match=r"No files match .*nothing_\*\.bin.*cached_fineweb10B\.py 9.*synthetic\.py"):
