@@ -119,7 +119,7 @@ def max_num_docs(local_tokens):
 def check_doc_count(num_docs, local_tokens, path):
     if num_docs + 1 > max_num_docs(local_tokens):
         raise DataError(f"{path}: a micro-batch of {local_tokens} tokens holds {num_docs} documents, more than the "
-                        f"{max_num_docs(local_tokens) - 1} its cu_seqlens holds (one per 384 tokens). Use shards "
+                        f"{max_num_docs(local_tokens) - 1} its cu_seqlens holds. Use shards "
                         "with longer documents, or raise max_num_docs() in train_gpt.py.")
 
 
