@@ -576,7 +576,7 @@ def test_kernel_categories():
              ("triton_poi_fused_lerp_0", True, "optimizer"),
              ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", False, "attention"),
              ("_linear_relu_square_kernel", False, "linear+ReLU^2 kernel"),
-             ("_softcap_ce_backward_kernel", False, "cross-entropy kernels"),
+             ("_softcap_ce_kernel", False, "cross-entropy kernels"),
              ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n", False, "FP8 GEMMs"),
              ("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", False, "FP8 GEMMs"),
              ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NNN", False, "bf16 GEMMs"),
@@ -591,7 +591,7 @@ def test_kernel_categories():
 
 def test_profile_table_counts_overlaps_once_and_the_idle_time():
     kernels = [("nvjet_tst_NNN", 0, 400), ("triton_poi_fused_0", 300, 500),  # two streams overlap by 100
-               ("_softcap_ce_forward_kernel", 600, 700), ("triton_poi_fused_lerp", 800, 1000)]
+               ("_softcap_ce_kernel", 600, 700), ("triton_poi_fused_lerp", 800, 1000)]
     rows = {row[0]: row[1:] for row in tg.profile_table(kernels, [(790, 1000)], span=1000, steps=2)}
     assert rows["bf16 GEMMs"] == (0.2, 0.4, 0.5) and rows["Inductor kernels"] == (0.1, 0.2, 0.5)
     assert rows["optimizer"] == (0.1, 0.2, 0.5) and rows["cross-entropy kernels"] == (0.05, 0.1, 0.5)
