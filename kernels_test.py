@@ -179,6 +179,40 @@ def test_relu_square_mlp_autograd(tokens, dim, hidden):
         assert rel_err(got.grad, want.grad) < TOL
 
 
+# --- queries, keys and values: per-head RMS norm and rotary embedding ------------------------------
+
+QKV_SHAPES = gpu_or_cpu([(49152, 6, 128), (1000, 6, 128)], [(37, 2, 16)])  # tokens, heads, head_dim
+QKV_LAYOUTS = [(False, False), (True, False), (False, True)]  # (paired, shift_keys): the model's three
+
+
+def qkv_inputs(tokens, heads, head_dim, paired):
+    qkv = randn(tokens, 3 * heads * head_dim, scale=3.0)
+    if GPU:  # the model's tables (bf16), at the positions of a long run
+        rot = tg.Rotary(head_dim, 2 * tokens + 64, DEVICE)
+        tables = (rot.paired_cos, rot.paired_sin) if paired else (rot.cos, rot.sin)
+    else:  # any cos and sin, an extra row beyond the tokens
+        width = head_dim * (2 if paired else 1)
+        tables = tuple(randn(tokens + 1, 1, width) for _ in range(2))
+    return qkv, *tables
+
+
+@pytest.mark.parametrize("paired,shift_keys", QKV_LAYOUTS)
+@pytest.mark.parametrize("tokens,heads,head_dim", QKV_SHAPES)
+def test_qkv_heads(tokens, heads, head_dim, paired, shift_keys):
+    qkv, cos, sin = qkv_inputs(tokens, heads, head_dim, paired)
+    qkv.requires_grad_()
+    outs = tg.QKVHeads.apply(qkv, cos, sin, heads, paired, shift_keys)
+    grads = [randn(tokens, heads, head_dim) for _ in range(3)]
+    torch.autograd.backward(outs, grads)
+    qkv64 = qkv.detach().double().requires_grad_()
+    refs = tg.reference_qkv_heads(qkv64, cos.double(), sin.double(), heads, paired, shift_keys)
+    torch.autograd.backward(refs, [g.double() for g in grads])
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and out.is_contiguous()
+        assert rel_err(out, ref) < TOL
+    assert rel_err(qkv.grad, qkv64.grad) < TOL
+
+
 # --- softcapped multi-token cross-entropy --------------------------------------------------------
 
 VOCAB = 50304 if GPU else 300
@@ -319,12 +353,12 @@ def test_nesterov_polar_express(shape):
 def test_kernels_inside_compile():
     rows, dim, hidden = 2048, 768, 3072
 
-    def step(x, c_fc, c_proj, w, targets, mtp, a, src):
+    def step(x, c_fc, c_proj, w, targets, mtp, a, src, qkv, cos, sin):
         h = tg.ReLUSquareMLP.apply(x, c_fc, c_proj)
         loss = tg.FP8SoftcapMTPLoss.apply(h, w, targets, mtp)
         sym = tg.XXT(a, torch.empty(a.size(0), a.size(1), a.size(1), dtype=a.dtype, device=a.device))
         dst = tg.transpose_copy(src, torch.empty(src.size(1), src.size(0), dtype=src.dtype, device=src.device))
-        return loss, sym, dst
+        return loss, sym, dst, torch.stack(tg.QKVHeads.apply(qkv, cos, sin, 6, False, True))
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     x = randn(rows, dim)
@@ -333,15 +367,16 @@ def test_kernels_inside_compile():
     targets = torch.randint(0, VOCAB, (rows,), device=DEVICE)
     mtp = torch.tensor([1.0, 0.5], device=DEVICE)
     a, src = randn(3, 768, 768), randn(768, 4000)
+    qkv, cos, sin = qkv_inputs(rows, 6, 128, paired=False)
     results = {}
     for name, fn in (("eager", step), ("compiled", compiled)):
         leaves = [p.clone().requires_grad_() for p in params]
-        loss, sym, dst = fn(x, *leaves, targets, mtp, a, src)
+        loss, sym, dst, heads = fn(x, *leaves, targets, mtp, a, src, qkv, cos, sin)
         loss.backward()
-        results[name] = (loss.detach(), sym, dst, *[p.grad for p in leaves])
-    (loss, sym, dst, *grads), (c_loss, c_sym, c_dst, *c_grads) = results["eager"], results["compiled"]
+        results[name] = (loss.detach(), sym, dst, heads, *[p.grad for p in leaves])
+    (loss, sym, dst, heads, *grads), (c_loss, c_sym, c_dst, c_heads, *c_grads) = results["eager"], results["compiled"]
     assert rel_err(c_loss, loss) < 1e-3
-    assert torch.equal(c_sym, sym) and torch.equal(c_dst, dst)
+    assert torch.equal(c_sym, sym) and torch.equal(c_dst, dst) and torch.equal(c_heads, heads)
     # Inductor may fuse the FP8 scaling differently, moving some e5m2 logit gradients by one
     # rounding step (2 mantissa bits), so gradients agree to the FP8 tolerance only.
     for c_grad, grad in zip(c_grads, grads):
@@ -388,6 +423,18 @@ def _bench_rows():
         grad = _bf16(tokens, 768)  # a real gradient: .sum() would hand the backward a stride-0 one
         add(f"MLP fwd+bwd {tokens} tokens", lambda: tg.ReLUSquareMLP.apply(xg, fc, proj).backward(grad),
             lambda: ((xg @ fc.T).relu().square() @ proj).backward(grad))
+    compiled_reference = torch.compile(tg.reference_qkv_heads, dynamic=False)
+    for paired, shift_keys in QKV_LAYOUTS:
+        qkv, cos, sin = qkv_inputs(49152, 6, 128, paired)
+        qkv_grad = qkv.clone().requires_grad_()
+        grads = [_bf16(49152, 6, 128) for _ in range(3)]
+        layout = f"{'paired' if paired else 'plain'}{', shifted keys' if shift_keys else ''}"
+        add(f"q/k norm+rotary fwd 49152 tokens, {layout} (vs Inductor)",
+            lambda: tg.qkv_heads_forward(qkv, cos, sin, 6, paired, shift_keys),
+            lambda: compiled_reference(qkv, cos, sin, 6, paired, shift_keys))
+        add(f"q/k norm+rotary fwd+bwd 49152 tokens, {layout} (vs Inductor)",
+            lambda: torch.autograd.backward(tg.QKVHeads.apply(qkv_grad, cos, sin, 6, paired, shift_keys), grads),
+            lambda: torch.autograd.backward(compiled_reference(qkv_grad, cos, sin, 6, paired, shift_keys), grads))
     w_head = _bf16(768, 50304, scale=0.005)
     mtp = torch.tensor([1.0, 0.5, 0.25], device="cuda")
     for tokens in (16384, 49152):
@@ -432,6 +479,14 @@ def _sweep_rows():
             rows.append((f"linear+ReLU² bwd {tokens} {cfg}",
                          _median_us(lambda: tg.linear_relu_square_backward(x, w_proj, post, **cfg))))
         rows.append((f"x @ w.T {tokens} (cuBLAS)", _median_us(lambda: x @ w.T)))
+    qkv, cos, sin = qkv_inputs(49152, 6, 128, paired=True)
+    grads = [_bf16(49152, 6, 128) for _ in range(3)]
+    for cfg in (dict(block_t=32, num_warps=4), dict(block_t=16, num_warps=4), dict(block_t=64, num_warps=4),
+                dict(block_t=64, num_warps=8)):
+        rows.append((f"q/k norm+rotary fwd 49152 paired {cfg}",
+                     _median_us(lambda: tg.qkv_heads_forward(qkv, cos, sin, 6, True, False, **cfg))))
+        rows.append((f"q/k norm+rotary bwd 49152 paired {cfg}",
+                     _median_us(lambda: tg.qkv_heads_backward(*grads, qkv, cos, sin, 6, True, False, **cfg))))
     grad_f8 = _bf16(49152, 50304).to(torch.float8_e5m2)
     for cfg in (tg.FP8_TRANSPOSE_TILE, dict(block_m=64, block_n=64, num_warps=4),
                 dict(block_m=128, block_n=64, num_warps=8),

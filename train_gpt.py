@@ -534,6 +534,135 @@ class ReLUSquareMLP(torch.autograd.Function):
         return dpre @ c_fc, dpre.mT @ x, grad_proj
 
 
+# Queries, keys and values from the QKV projection's output (T, 3 * heads * head_dim), one pass
+# each way: per-head RMS norm and rotary embedding of q and k, v copied beside them. Inductor
+# spent two or three kernels per layer on this, re-reading the projection (README).
+# rotate: out = cos * y + sin * swap(y) with swap(y)[2i] = y[2i + 1], swap(y)[2i + 1] = -y[2i];
+# its transpose: g -> cos * g - swap(sin * g). PAIRED: heads 2g and 2g + 1 read the two halves of a
+# (T, 2 * head_dim) table. SHIFT_KEYS: the keys' second half comes from the previous token (row 0
+# keeps its own), as long-window layers want. One program per (block of rows, head).
+
+RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs
+
+
+@triton.jit
+def _swap_pairs(y):
+    even, odd = tl.split(tl.reshape(y, (y.shape[0], y.shape[1] // 2, 2)))
+    return tl.reshape(tl.join(odd, -even), y.shape)
+
+
+@triton.jit
+def _head_tile(ptr, rows, row_stride, mask, HEAD_DIM: tl.constexpr):
+    return tl.load(ptr + rows[:, None] * row_stride + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _rms(x, EPS: tl.constexpr):
+    return tl.rsqrt(tl.sum(x * x, axis=1) / x.shape[1] + EPS)[:, None]
+
+
+@triton.jit
+def _norm_rotate(src, rows, mask, cos, sin, table_stride, EPS: tl.constexpr, HEADS: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """rotate(rms_norm(x)), the norm rounded to the input dtype as F.rms_norm's output is."""
+    x = _head_tile(src, rows, 3 * HEADS * HEAD_DIM, mask, HEAD_DIM).to(tl.float32)
+    y = (x * _rms(x, EPS)).to(src.dtype.element_ty).to(tl.float32)
+    return (y * _head_tile(cos, rows, table_stride, mask, HEAD_DIM).to(tl.float32)
+            + _swap_pairs(y) * _head_tile(sin, rows, table_stride, mask, HEAD_DIM).to(tl.float32))
+
+
+@triton.jit
+def _norm_rotate_backward(grad, src, rows, mask, cos, sin, table_stride, EPS: tl.constexpr, HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr):
+    x = _head_tile(src, rows, 3 * HEADS * HEAD_DIM, mask, HEAD_DIM).to(tl.float32)
+    rstd = _rms(x, EPS)
+    grad = (grad * _head_tile(cos, rows, table_stride, mask, HEAD_DIM).to(tl.float32)
+            - _swap_pairs(grad * _head_tile(sin, rows, table_stride, mask, HEAD_DIM).to(tl.float32)))
+    x_hat = x * rstd
+    return (grad - x_hat * (tl.sum(x_hat * grad, axis=1)[:, None] / HEAD_DIM)) * rstd
+
+
+@triton.jit
+def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, table_stride, EPS: tl.constexpr,
+                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
+                      SHIFT_KEYS: tl.constexpr, BLOCK_T: tl.constexpr):
+    head, width = tl.program_id(1), HEADS * HEAD_DIM
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask = (rows < T)[:, None]
+    src = qkv_ptr + head * HEAD_DIM
+    table_col = (head % 2) * HEAD_DIM if PAIRED else 0
+    cos, sin = cos_ptr + table_col, sin_ptr + table_col
+    q = _norm_rotate(src, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
+    k = _norm_rotate(src + width, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
+    if SHIFT_KEYS:
+        previous = _norm_rotate(src + width, tl.maximum(rows - 1, 0), mask, cos, sin, table_stride, EPS, HEADS,
+                                HEAD_DIM)
+        k = tl.where(tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2, previous, k)
+    out = rows[:, None] * width + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(q_ptr + out, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_ptr + out, k.to(k_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + out, _head_tile(src + 2 * width, rows, 3 * width, mask, HEAD_DIM), mask=mask)
+
+
+@triton.jit
+def _qkv_heads_backward_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, table_stride,
+                               EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               PAIRED: tl.constexpr, SHIFT_KEYS: tl.constexpr, BLOCK_T: tl.constexpr):
+    head, width = tl.program_id(1), HEADS * HEAD_DIM
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    mask = (rows < T)[:, None]
+    src = qkv_ptr + head * HEAD_DIM
+    table_col = (head % 2) * HEAD_DIM if PAIRED else 0
+    cos, sin = cos_ptr + table_col, sin_ptr + table_col
+    dq = _head_tile(dq_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM).to(tl.float32)
+    dk = _head_tile(dk_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM).to(tl.float32)
+    if SHIFT_KEYS:  # row t's second half went to row t + 1, and row 0's to itself as well
+        following = _head_tile(dk_ptr + head * HEAD_DIM, rows + 1, width, (rows + 1 < T)[:, None], HEAD_DIM)
+        dk = tl.where(tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2,
+                      following.to(tl.float32) + tl.where(rows[:, None] == 0, dk, 0.0), dk)
+    dq = _norm_rotate_backward(dq, src, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
+    dk = _norm_rotate_backward(dk, src + width, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
+    out = dqkv_ptr + head * HEAD_DIM + rows[:, None] * 3 * width + tl.arange(0, HEAD_DIM)[None, :]
+    tl.store(out, dq.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + width, dk.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + 2 * width, _head_tile(dv_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM), mask=mask)
+
+
+def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, block_t=32, num_warps=4):
+    kernel[(triton.cdiv(T, block_t), heads)](
+        *tensors, T, table.stride(0), EPS=RMS_EPS, HEADS=heads, HEAD_DIM=table.size(-1) // (1 + paired),
+        PAIRED=paired, SHIFT_KEYS=shift_keys, BLOCK_T=block_t, num_warps=num_warps)
+
+
+def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, **config):
+    """q, k, v (T, heads, head_dim) from qkv (T, 3 * heads * head_dim); cos, sin: rotary tables of at
+    least T rows, (rows, 1, head_dim), or (rows, 1, 2 * head_dim) if paired."""
+    T = qkv.size(0)
+    q, k, v = (qkv.new_empty(T, heads, qkv.size(1) // (3 * heads)) for _ in range(3))
+    _launch_qkv_heads(_qkv_heads_kernel, (qkv, cos, sin, q, k, v), T, cos, heads, paired, shift_keys, **config)
+    return q, k, v
+
+
+def qkv_heads_backward(dq, dk, dv, qkv, cos, sin, heads, paired, shift_keys, **config):
+    """The gradient of qkv_heads_forward's input."""
+    dqkv = torch.empty_like(qkv)
+    _launch_qkv_heads(_qkv_heads_backward_kernel, (dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv, cos, sin,
+                                                   dqkv), qkv.size(0), cos, heads, paired, shift_keys, **config)
+    return dqkv
+
+
+class QKVHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads, paired, shift_keys):
+        ctx.save_for_backward(qkv, cos, sin)
+        ctx.config = heads, paired, shift_keys
+        return qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        return qkv_heads_backward(dq, dk, dv, *ctx.saved_tensors, *ctx.config), None, None, None, None, None
+
+
 # Softcapped multi-token cross-entropy. z = SOFTCAP * sigmoid((logit + SHIFT) / DIVISOR) lies in
 # (0, SOFTCAP), so sum(exp(z)) over the vocabulary cannot overflow fp32 and needs no running max.
 # Row r's loss is sum_k w_k * (logsumexp(z_r) - z_r[target[r + k]]) over k with r + k < rows.
@@ -780,6 +909,27 @@ class Rotary:
         self._build()
 
 
+def reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys):
+    """q, k, v (T, heads, head_dim) from the QKV projection: q and k RMS-normed per head, then rotated;
+    paired: heads 2g and 2g + 1 together at positions (2t, 2t + 1) of the paired tables; shift_keys:
+    each key's stationary second half from the previous token. Plain PyTorch (CPU and tests)."""
+    T = qkv.size(0)
+    q, k, v = qkv.view(T, 3, heads, -1).unbind(1)
+    hd = q.size(-1)
+    cos, sin = cos[:T], sin[:T]
+    q, k = (rotate(norm(t).reshape(T, -1, cos.size(-1)), cos, sin).view(T, heads, hd) for t in (q, k))
+    if shift_keys:
+        k = torch.cat([k[:, :, :hd // 2], torch.cat([k[:1, :, hd // 2:], k[:-1, :, hd // 2:]])], dim=-1)
+    return q, k, v
+
+
+def qkv_heads(qkv, cos, sin, heads, paired, shift_keys):
+    """reference_qkv_heads: one Triton kernel each way on CUDA (qkv contiguous)."""
+    if qkv.is_cuda:
+        return QKVHeads.apply(qkv, cos, sin, heads, paired, shift_keys)
+    return reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys)
+
+
 def reference_attention(q, k, v, cu_seqlens, window, scale):
     """Causal attention within documents; the query at position i sees keys i - window .. i of its own
     document. q, k, v: (T, heads, head_dim); window and scale: numbers or 0-d tensors. Plain PyTorch
@@ -1007,30 +1157,20 @@ class GPT(nn.Module):
 
     def attn(self, i, x, W, sa, ve, ve_gate, attn_gate, cu_seqlens, max_seq_len, window):
         T, h, hd = x.size(0), self.num_heads, self.head_dim
-        d = h * hd
-        q, k, v = (x @ (sa[0] * W[:3 * d]).mT).view(T, 3, h, hd).unbind(1)
-        q, k = norm(q), norm(k)
-        rot = self.rotary
-        if i in PAIRED_HEAD_LAYERS:
-            # heads 2g and 2g+1 rotate together at positions (2t, 2t + 1) ...
-            q = rotate(q.reshape(T, h // 2, 2 * hd), rot.paired_cos[:T], rot.paired_sin[:T]).view(T, h, hd)
-            k = rotate(k.reshape(T, h // 2, 2 * hd), rot.paired_cos[:T], rot.paired_sin[:T]).view(T, h, hd)
-            if ve is not None:
-                v = v + (2 * torch.sigmoid(x[:, :GATE_DIM] @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
-            # ... then token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
+        paired = i in PAIRED_HEAD_LAYERS
+        tables = (self.rotary.paired_cos, self.rotary.paired_sin) if paired else (self.rotary.cos, self.rotary.sin)
+        q, k, v = qkv_heads(x @ (sa[0] * W[:3 * h * hd]).mT, *tables, h, paired, i in LONG_WINDOW_LAYERS)
+        if ve is not None:
+            gate_in = x[:, :GATE_DIM] if paired else torch.cat([x[:, :GATE_DIM // 2], ve[:, :GATE_DIM // 2]], dim=-1)
+            v = v + (2 * torch.sigmoid(gate_in @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
+        if paired:  # token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
             q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
-            y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, rot.attn_scale,
+            y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, self.rotary.attn_scale,
                           self.attention_backend).reshape(T, h, hd)
         else:
-            q, k = rotate(q, rot.cos[:T], rot.sin[:T]), rotate(k, rot.cos[:T], rot.sin[:T])
-            if i in LONG_WINDOW_LAYERS:  # partial key offset: the stationary half comes from the previous token
-                k = torch.cat([k[:, :, :hd // 2], torch.cat([k[:1, :, hd // 2:], k[:-1, :, hd // 2:]])], dim=-1)
-            if ve is not None:
-                gate_in = torch.cat([x[:, :GATE_DIM // 2], ve[:, :GATE_DIM // 2]], dim=-1)
-                v = v + (2 * torch.sigmoid(gate_in @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
-            y = attention(q, k, v, cu_seqlens, max_seq_len, window, rot.attn_scale, self.attention_backend)
+            y = attention(q, k, v, cu_seqlens, max_seq_len, window, self.rotary.attn_scale, self.attention_backend)
         y = y * torch.sigmoid(x[:, :GATE_DIM] @ attn_gate.mT)[..., None]
-        return y.reshape(T, d) @ (sa[1] * W[3 * d:]).mT
+        return y.reshape(T, h * hd) @ (sa[1] * W[3 * h * hd:]).mT
 
     def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None):
         """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
