@@ -481,8 +481,8 @@ def _sweep_rows():
         rows.append((f"x @ w.T {tokens} (cuBLAS)", _median_us(lambda: x @ w.T)))
     qkv, cos, sin = qkv_inputs(49152, 6, 128, paired=True)
     grads = [_bf16(49152, 6, 128) for _ in range(3)]
-    for cfg in (dict(block_t=32, num_warps=4), dict(block_t=16, num_warps=4), dict(block_t=64, num_warps=4),
-                dict(block_t=64, num_warps=8)):
+    for cfg in (dict(block=16, num_warps=2), dict(block=32, num_warps=4), dict(block=32, num_warps=2),
+                dict(block=64, num_warps=8)):  # the default first
         rows.append((f"q/k norm+rotary fwd 49152 paired {cfg}",
                      _median_us(lambda: tg.qkv_heads_forward(qkv, cos, sin, 6, True, False, **cfg))))
         rows.append((f"q/k norm+rotary bwd 49152 paired {cfg}",

@@ -540,7 +540,8 @@ class ReLUSquareMLP(torch.autograd.Function):
 # rotate: out = cos * y + sin * swap(y) with swap(y)[2i] = y[2i + 1], swap(y)[2i + 1] = -y[2i];
 # its transpose: g -> cos * g - swap(sin * g). PAIRED: heads 2g and 2g + 1 read the two halves of a
 # (T, 2 * head_dim) table. SHIFT_KEYS: the keys' second half comes from the previous token (row 0
-# keeps its own), as long-window layers want. One program per (block of rows, head).
+# keeps its own), as long-window layers want. A program takes BLOCK rows of (token, head), all
+# loads first: consecutive rows are neighbouring heads, so its reads are long runs of memory.
 
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs
 
@@ -552,86 +553,88 @@ def _swap_pairs(y):
 
 
 @triton.jit
-def _head_tile(ptr, rows, row_stride, mask, HEAD_DIM: tl.constexpr):
-    return tl.load(ptr + rows[:, None] * row_stride + tl.arange(0, HEAD_DIM)[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
 def _rms(x, EPS: tl.constexpr):
     return tl.rsqrt(tl.sum(x * x, axis=1) / x.shape[1] + EPS)[:, None]
 
 
 @triton.jit
-def _norm_rotate(src, rows, mask, cos, sin, table_stride, EPS: tl.constexpr, HEADS: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    """rotate(rms_norm(x)), the norm rounded to the input dtype as F.rms_norm's output is."""
-    x = _head_tile(src, rows, 3 * HEADS * HEAD_DIM, mask, HEAD_DIM).to(tl.float32)
-    y = (x * _rms(x, EPS)).to(src.dtype.element_ty).to(tl.float32)
-    return (y * _head_tile(cos, rows, table_stride, mask, HEAD_DIM).to(tl.float32)
-            + _swap_pairs(y) * _head_tile(sin, rows, table_stride, mask, HEAD_DIM).to(tl.float32))
+def _norm_rotate(x, cos, sin, EPS: tl.constexpr):
+    """rotate(rms_norm(x)) in fp32, the norm rounded to x's dtype as F.rms_norm's output is."""
+    y = (x.to(tl.float32) * _rms(x.to(tl.float32), EPS)).to(x.dtype).to(tl.float32)
+    return y * cos.to(tl.float32) + _swap_pairs(y) * sin.to(tl.float32)
 
 
 @triton.jit
-def _norm_rotate_backward(grad, src, rows, mask, cos, sin, table_stride, EPS: tl.constexpr, HEADS: tl.constexpr,
-                          HEAD_DIM: tl.constexpr):
-    x = _head_tile(src, rows, 3 * HEADS * HEAD_DIM, mask, HEAD_DIM).to(tl.float32)
+def _norm_rotate_backward(grad, x, cos, sin, EPS: tl.constexpr):
+    x = x.to(tl.float32)
     rstd = _rms(x, EPS)
-    grad = (grad * _head_tile(cos, rows, table_stride, mask, HEAD_DIM).to(tl.float32)
-            - _swap_pairs(grad * _head_tile(sin, rows, table_stride, mask, HEAD_DIM).to(tl.float32)))
+    grad = grad * cos.to(tl.float32) - _swap_pairs(grad * sin.to(tl.float32))
     x_hat = x * rstd
-    return (grad - x_hat * (tl.sum(x_hat * grad, axis=1)[:, None] / HEAD_DIM)) * rstd
+    return (grad - x_hat * (tl.sum(x_hat * grad, axis=1)[:, None] / x.shape[1])) * rstd
+
+
+@triton.jit
+def _head_rows(T, table_stride, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """This program's rows (token, head): their tokens, their offsets in qkv and in the rotary tables."""
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    tokens, heads = rows // HEADS, rows % HEADS
+    cols = tl.arange(0, HEAD_DIM)[None, :]
+    qkv_offsets = (tokens * 3 * HEADS + heads)[:, None] * HEAD_DIM + cols
+    table_offsets = tokens[:, None] * table_stride + cols + ((heads % 2)[:, None] * HEAD_DIM if PAIRED else 0)
+    return rows[:, None] * HEAD_DIM + cols, tokens[:, None], qkv_offsets, table_offsets, (tokens < T)[:, None]
 
 
 @triton.jit
 def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, table_stride, EPS: tl.constexpr,
                       HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
-                      SHIFT_KEYS: tl.constexpr, BLOCK_T: tl.constexpr):
-    head, width = tl.program_id(1), HEADS * HEAD_DIM
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask = (rows < T)[:, None]
-    src = qkv_ptr + head * HEAD_DIM
-    table_col = (head % 2) * HEAD_DIM if PAIRED else 0
-    cos, sin = cos_ptr + table_col, sin_ptr + table_col
-    q = _norm_rotate(src, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
-    k = _norm_rotate(src + width, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
+                      SHIFT_KEYS: tl.constexpr, BLOCK: tl.constexpr):
+    out, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
+    width = HEADS * HEAD_DIM
+    q, k = tl.load(qkv_ptr + src, mask=mask, other=0.0), tl.load(qkv_ptr + width + src, mask=mask, other=0.0)
+    v = tl.load(qkv_ptr + 2 * width + src, mask=mask)
+    cos, sin = tl.load(cos_ptr + table, mask=mask, other=0.0), tl.load(sin_ptr + table, mask=mask, other=0.0)
     if SHIFT_KEYS:
-        previous = _norm_rotate(src + width, tl.maximum(rows - 1, 0), mask, cos, sin, table_stride, EPS, HEADS,
-                                HEAD_DIM)
-        k = tl.where(tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2, previous, k)
-    out = rows[:, None] * width + head * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(q_ptr + out, q.to(q_ptr.dtype.element_ty), mask=mask)
+        previous = tl.where(tokens > 0, 3 * width, 0)  # the offset back to the previous token's row
+        k_prev = tl.load(qkv_ptr + width + src - previous, mask=mask, other=0.0)
+        table_prev = table - tl.where(tokens > 0, table_stride, 0)
+        cos_prev = tl.load(cos_ptr + table_prev, mask=mask, other=0.0)
+        sin_prev = tl.load(sin_ptr + table_prev, mask=mask, other=0.0)
+    tl.store(v_ptr + out, v, mask=mask)
+    tl.store(q_ptr + out, _norm_rotate(q, cos, sin, EPS).to(q_ptr.dtype.element_ty), mask=mask)
+    k = _norm_rotate(k, cos, sin, EPS)
+    if SHIFT_KEYS:
+        second_half = tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2
+        k = tl.where(second_half, _norm_rotate(k_prev, cos_prev, sin_prev, EPS), k)
     tl.store(k_ptr + out, k.to(k_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + out, _head_tile(src + 2 * width, rows, 3 * width, mask, HEAD_DIM), mask=mask)
 
 
 @triton.jit
 def _qkv_heads_backward_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, table_stride,
                                EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               PAIRED: tl.constexpr, SHIFT_KEYS: tl.constexpr, BLOCK_T: tl.constexpr):
-    head, width = tl.program_id(1), HEADS * HEAD_DIM
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    mask = (rows < T)[:, None]
-    src = qkv_ptr + head * HEAD_DIM
-    table_col = (head % 2) * HEAD_DIM if PAIRED else 0
-    cos, sin = cos_ptr + table_col, sin_ptr + table_col
-    dq = _head_tile(dq_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM).to(tl.float32)
-    dk = _head_tile(dk_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM).to(tl.float32)
-    if SHIFT_KEYS:  # row t's second half went to row t + 1, and row 0's to itself as well
-        following = _head_tile(dk_ptr + head * HEAD_DIM, rows + 1, width, (rows + 1 < T)[:, None], HEAD_DIM)
-        dk = tl.where(tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2,
-                      following.to(tl.float32) + tl.where(rows[:, None] == 0, dk, 0.0), dk)
-    dq = _norm_rotate_backward(dq, src, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
-    dk = _norm_rotate_backward(dk, src + width, rows, mask, cos, sin, table_stride, EPS, HEADS, HEAD_DIM)
-    out = dqkv_ptr + head * HEAD_DIM + rows[:, None] * 3 * width + tl.arange(0, HEAD_DIM)[None, :]
-    tl.store(out, dq.to(dqkv_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + width, dk.to(dqkv_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + 2 * width, _head_tile(dv_ptr + head * HEAD_DIM, rows, width, mask, HEAD_DIM), mask=mask)
+                               PAIRED: tl.constexpr, SHIFT_KEYS: tl.constexpr, BLOCK: tl.constexpr):
+    grad, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
+    width = HEADS * HEAD_DIM
+    dq = tl.load(dq_ptr + grad, mask=mask, other=0.0).to(tl.float32)
+    dk = tl.load(dk_ptr + grad, mask=mask, other=0.0).to(tl.float32)
+    dv = tl.load(dv_ptr + grad, mask=mask)
+    q, k = tl.load(qkv_ptr + src, mask=mask, other=0.0), tl.load(qkv_ptr + width + src, mask=mask, other=0.0)
+    cos, sin = tl.load(cos_ptr + table, mask=mask, other=0.0), tl.load(sin_ptr + table, mask=mask, other=0.0)
+    if SHIFT_KEYS:  # token t's second half went to token t + 1, and token 0's to itself as well
+        dk_next = tl.load(dk_ptr + grad + width, mask=tokens + 1 < T, other=0.0).to(tl.float32)
+        second_half = tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2
+        dk = tl.where(second_half, dk_next + tl.where(tokens == 0, dk, 0.0), dk)
+    tl.store(dqkv_ptr + 2 * width + src, dv, mask=mask)
+    tl.store(dqkv_ptr + src, _norm_rotate_backward(dq, q, cos, sin, EPS).to(dqkv_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(dqkv_ptr + width + src,
+             _norm_rotate_backward(dk, k, cos, sin, EPS).to(dqkv_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, block_t=32, num_warps=4):
-    kernel[(triton.cdiv(T, block_t), heads)](
+def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, block=16, num_warps=2):
+    kernel[(triton.cdiv(T * heads, block),)](
         *tensors, T, table.stride(0), EPS=RMS_EPS, HEADS=heads, HEAD_DIM=table.size(-1) // (1 + paired),
-        PAIRED=paired, SHIFT_KEYS=shift_keys, BLOCK_T=block_t, num_warps=num_warps)
+        PAIRED=paired, SHIFT_KEYS=shift_keys, BLOCK=block, num_warps=num_warps)
 
 
 def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, **config):
