@@ -744,7 +744,7 @@ def softcap_ce(logits, targets, mtp_weights, grad=None, grad_multiplier=1.0, fas
         logits, targets, mtp_weights, losses, logits if grad is None else grad, n_rows, n_cols, logits.stride(0),
         0 if grad is None else grad.stride(0), grad_multiplier, SOFTCAP=SOFTCAP, SHIFT=SOFTCAP_SHIFT,
         DIVISOR=SOFTCAP_DIVISOR, NUM_PREDICTIONS=n, PREDICTIONS_P2=triton.next_power_of_2(n), BLOCK_V=1024,
-        WRITE_GRAD=grad is not None, FAST=fast, num_warps=8)
+        WRITE_GRAD=grad is not None, FAST=fast, num_warps=4)
     return losses
 
 
