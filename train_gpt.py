@@ -1948,6 +1948,7 @@ KERNEL_CATEGORIES = (
     ("attention", ("flash", "fmha")),
     ("linear+ReLU^2 kernel", ("linear_relu_square",)),
     ("cross-entropy kernels", ("softcap_ce",)),
+    ("q/k norm+rotary kernels", ("qkv_heads",)),
     ("Inductor kernels", ("triton_",)),
     ("transposes", ("transpose",)),
     ("FP8 GEMMs", ("e4m3", "e5m2", "_qq", "_qr", "_rq")),  # cuBLAS's nvjet names: q e4m3, r e5m2

@@ -577,6 +577,7 @@ def test_kernel_categories():
              ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", False, "attention"),
              ("_linear_relu_square_kernel", False, "linear+ReLU^2 kernel"),
              ("_softcap_ce_kernel", False, "cross-entropy kernels"),
+             ("_qkv_heads_backward_kernel", False, "q/k norm+rotary kernels"),
              ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n", False, "FP8 GEMMs"),
              ("nvjet_sm90_rqsss_144x128_128x6_1x2_h_bz_coopA_algo2_TNN", False, "FP8 GEMMs"),
              ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_NNN", False, "bf16 GEMMs"),
