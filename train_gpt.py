@@ -5,6 +5,7 @@ Sections, in order: data, kernels, model, optimizer, schedule, main. Importing t
 nothing, so tests can import its pieces.
 """
 import argparse
+import collections
 import concurrent.futures
 import glob
 import hashlib
@@ -1341,9 +1342,14 @@ class NorMuonAdam:
     across ranks (explicitly, in scatter order), updates in work order and gathers shards back."""
 
     def __init__(self, model, rank=0, world_size=1, sparse_bigram=False, adam_lr=0.008, adam_eps=1e-10,
-                 adam_weight_decay=0.005, muon_lr=0.023, muon_beta2=0.95, muon_weight_decay=1.2):
-        self.model, self.rank, self.world_size = model, rank, world_size
-        self.sparse_bigram = sparse_bigram and world_size > 1
+                 adam_weight_decay=0.005, muon_lr=0.023, muon_beta2=0.95, muon_weight_decay=1.2, communicate=True):
+        """communicate=False: update this rank's shards as in a world_size run, but exchange nothing
+        (the eight-GPU emulation of --profile: one rank's optimizer work without the network)."""
+        self.model, self.rank, self.world_size, self.communicate = model, rank, world_size, communicate
+        self.sparse_bigram = sparse_bigram and world_size > 1 and communicate
+        # the bigram exchange's counts and row indices go over a CPU group: the host learns the counts
+        # without waiting for the GPU (NCCL would queue them behind the forward pass)
+        self._cpu_group = dist.new_group(backend="gloo") if self.sparse_bigram else None
         self.adam_lr, self.adam_eps, self.adam_weight_decay = adam_lr, adam_eps, adam_weight_decay
         self.muon_lr, self.muon_beta2, self.muon_weight_decay = muon_lr, muon_beta2, muon_weight_decay
         cuda = model.embed.is_cuda
@@ -1418,21 +1424,19 @@ class NorMuonAdam:
 
     def prepare_bigram_exchange(self):
         """Exchange which touched rows go to which owner (counts, then indices) ahead of the
-        gradients, e.g. while the forward pass runs. Called by step() if not called before."""
-        device = self.params["bigram_embed"].device
+        gradients, best before the forward pass is launched. Called by step() if not called before."""
         rows_per_rank = self.params["bigram_embed"].size(0) // self.world_size
         rows = np.unique(np.concatenate(self._bigram_rows)) if self._bigram_rows else np.zeros(0, np.int64)
         self._bigram_rows = []
-        rows = rows[rows // rows_per_rank != self.rank]  # sorted, so grouped by owner
-        send_counts = np.bincount(rows // rows_per_rank, minlength=self.world_size)
-        send_counts_gpu = torch.from_numpy(send_counts).to(device)
-        recv_counts = torch.empty_like(send_counts_gpu)
-        dist.all_to_all_single(recv_counts, send_counts_gpu)
-        send_rows = torch.from_numpy(rows.astype(np.int64)).to(device)
-        recv_counts = recv_counts.tolist()
-        recv_rows = torch.empty(sum(recv_counts), dtype=torch.int64, device=device)
-        work = dist.all_to_all_single(recv_rows, send_rows, recv_counts, send_counts.tolist(), async_op=True)
-        self._bigram_exchange = (send_rows, send_counts.tolist(), recv_rows, recv_counts, work)
+        rows = torch.from_numpy(rows[rows // rows_per_rank != self.rank].astype(np.int64))  # sorted: by owner
+        send_counts = torch.bincount(rows // rows_per_rank, minlength=self.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self._cpu_group)
+        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
+        recv_rows = torch.empty(sum(recv_counts), dtype=torch.int64)
+        work = dist.all_to_all_single(recv_rows, rows, recv_counts, send_counts, group=self._cpu_group,
+                                      async_op=True)
+        self._bigram_exchange = (rows, send_counts, recv_rows, recv_counts, work)
 
     def _launch_sparse_bigram(self, grad):
         if self._bigram_exchange is None:
@@ -1440,13 +1444,15 @@ class NorMuonAdam:
         send_rows, send_counts, recv_rows, recv_counts, rows_work = self._bigram_exchange
         self._bigram_exchange = None
         recv_values = grad.new_empty(len(recv_rows), grad.size(1))
-        values_work = dist.all_to_all_single(recv_values, grad[send_rows], recv_counts, send_counts, async_op=True)
+        values_work = dist.all_to_all_single(recv_values, grad[send_rows.to(grad.device, non_blocking=True)],
+                                             recv_counts, send_counts, async_op=True)
         chunk = self._chunk("bigram_embed", grad)
 
         def finish():
             rows_work.wait()
             values_work.wait()
-            return chunk.index_add_(0, recv_rows - self.rank * chunk.size(0), recv_values)
+            local_rows = (recv_rows - self.rank * chunk.size(0)).to(grad.device, non_blocking=True)
+            return chunk.index_add_(0, local_rows, recv_values)
         return finish
 
     # --- the step ---
@@ -1455,8 +1461,8 @@ class NorMuonAdam:
         """Start reducing a gradient; returns a function that waits and gives this rank's chunk."""
         grad = self.params[label].grad.view_as(self._view(label))
         comms = self.groups[label].comms
-        if self.world_size == 1:
-            return lambda: grad
+        if self.world_size == 1 or not self.communicate:
+            return lambda: self._chunk(label, grad)
         if comms == "replicated":
             work = dist.all_reduce(grad, async_op=True)
             return lambda: (work.wait(), grad)[1]
@@ -1487,7 +1493,7 @@ class NorMuonAdam:
         self._apply(p_chunk, state["mantissa"], X, self._lr * state["lr_scale"], self._decay)
 
     def _launch_gather(self, label):
-        if self.world_size == 1 or self.groups[label].comms == "replicated":
+        if self.world_size == 1 or not self.communicate or self.groups[label].comms == "replicated":
             return None
         view = self._view(label).detach()
         # the chunk is copied out: an input inside the output buffer is not safe on every backend
@@ -1496,7 +1502,8 @@ class NorMuonAdam:
     @torch.no_grad()
     def step(self, lr_multiplier, momentum, adam_step):
         """One update: NorMuon parameters always, Adam parameters only when adam_step (their
-        gradients otherwise keep accumulating). Clears the gradients it consumed."""
+        gradients otherwise keep accumulating). Zeroes the gradients it consumed in place: they are
+        the tensors that captured CUDA graphs accumulate into."""
         active = [g.label for g in PARAM_GROUPS if g.optim == "normuon" or adam_step]
         if self.tied and adam_step:
             active.remove("embed")
@@ -1519,8 +1526,8 @@ class NorMuonAdam:
                 gathers.append(gather)
         for gather in gathers:
             gather.wait()
-        for label in active + (["embed"] if self.tied and adam_step else []):
-            self.params[label].grad = None
+        consumed = active + (["embed"] if self.tied and adam_step else [])
+        torch._foreach_zero_([self.params[label].grad for label in consumed])
 
     def untie(self):
         """After the split step's (tied) update: embed gets lm_head's Adam moments, transposed, and
@@ -1650,6 +1657,8 @@ class Hyperparameters:
                                       "time by kernel category, write a Chrome trace to logs/ and exit; 0: train")
     parallel_compile: str = hyperparameter("auto", "worker processes compile the later stages' graphs during the "
                                                    "warm-up (auto: unless the caches hold them already)")
+    cuda_graphs: bool = hyperparameter(True, "replay each stage's micro-batch (forward and backward) as one CUDA "
+                                             "graph, captured after the warm-up, instead of launching ~700 kernels")
 
 
 CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off"),
@@ -1821,6 +1830,57 @@ def run_training_graph(compiled, batch, stage, mtp):
                     window_tensor(stage.windows), mtp)
 
 
+def accumulate_micro_batch(compiled, batch, stage, mtp, step_loss):
+    """Forward and backward of one micro-batch: gradients added into .grad, the scaled loss into step_loss."""
+    loss = run_training_graph(compiled, batch, stage, mtp)
+    (loss * LOSS_SCALE).backward()
+    step_loss += loss.detach() * LOSS_SCALE
+
+
+class MicroBatchGraphs:
+    """accumulate_micro_batch as one CUDA graph per stage: the host launches one graph instead of ~700
+    kernels. A graph bakes in what the host passed at capture: the stage's shapes and windows and the
+    attention scale (YaRN's, a CPU tensor), so each (stage, scale) gets its own capture; the batch and
+    the MTP weights are copied into the graph's input buffers. A replay adds into the .grad tensors
+    present at capture, so those must never be replaced (the optimizer zeroes them in place). All
+    graphs share one memory pool: they never run at the same time."""
+
+    def __init__(self, compiled, step_loss):
+        self.compiled, self.step_loss = compiled, step_loss
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+        self.graphs = {}
+
+    @staticmethod
+    def key(stage, attn_scale):
+        return graph_key(stage), stage.windows, float(attn_scale)
+
+    def warm_up(self, stage, batch, mtp):
+        """Run a micro-batch on the capture stream before capturing: lazy initialisations for that stream.
+        It adds its gradients and loss: zero them after. Run every stage's before the first capture."""
+        torch.cuda.synchronize()
+        with torch.cuda.stream(self.stream):
+            accumulate_micro_batch(self.compiled, batch, stage, mtp.clone(), self.step_loss)
+        torch.cuda.synchronize()
+
+    def capture(self, stage, attn_scale, batch, mtp):
+        """Capture stage's micro-batch; the host values it reads (windows, attn_scale) are the current ones."""
+        inputs = MicroBatch(*(t.clone() for t in batch[:4]), batch.bigram_rows)
+        mtp = mtp.clone()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the NCCL watchdog, data loading) may keep using CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            accumulate_micro_batch(self.compiled, inputs, stage, mtp, self.step_loss)
+        self.graphs[self.key(stage, attn_scale)] = graph, inputs, mtp
+
+    def replay(self, stage, attn_scale, batch, mtp):
+        graph, inputs, static_mtp = self.graphs[self.key(stage, attn_scale)]
+        for static, new in zip(inputs[:4], batch[:4]):
+            static.copy_(new, non_blocking=True)
+        static_mtp.copy_(mtp, non_blocking=True)
+        graph.replay()
+
+
 def run_eval_graph(compiled, batch, windows):
     return compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash, VAL_LOCAL_TOKENS,
                     window_tensor(windows))
@@ -1988,6 +2048,84 @@ def profile_table(kernels, optimizer_ranges, span, steps):
     return rows
 
 
+SLEEP_CYCLES = 400_000_000  # about 0.2 s of an H100's or H200's clock: far longer than launching a step
+
+
+def time_launch(enqueue, repeats=5):
+    """(host ms, GPU ms) of enqueue(), medians. The host's time is taken while a sleep kernel holds the
+    GPU, so that a full launch queue never throttles it; NaN if the GPU woke before the host was done.
+    The GPU's is taken with CUDA events."""
+    host, gpu = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        enqueue()
+        seconds = time.perf_counter() - t0
+        host.append(math.nan if start.query() else 1000 * seconds)
+        end.record()
+        end.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return float(np.median(host)), float(np.median(gpu))
+
+
+LAUNCH_AHEAD_STEPS = 2  # the host launches at most this many steps beyond the last one the GPU finished
+
+
+class TrainingClock:
+    """The training clock, without a synchronization per step. The host runs up to LAUNCH_AHEAD_STEPS
+    ahead of the GPU; each step's end is a CUDA event and its loss is copied to pinned memory, both read
+    once the GPU has passed them: then the step is logged with the GPU's time, and a non-finite loss
+    stops the run. The clock stops only where the loop synchronizes (validations, stage ends), as the
+    record's does, so train_time is wall-clock time on the clock."""
+
+    def __init__(self, total_steps, log, advice):
+        self.total_steps, self.log, self.advice = total_steps, log, advice
+        self.seconds = 0.0  # on the clock, up to the last stop
+        self.stage_seconds = [0.0] * len(STAGE_NAMES)
+        self.losses = torch.zeros(total_steps, dtype=torch.float32).pin_memory()
+        self.pending = collections.deque()  # (step, its end event): launched, not yet logged
+        self.running = None  # (stage index, host clock, start event) since the last start
+
+    def start(self, stage):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.running = stage, time.perf_counter(), start
+
+    def launched(self, step, step_loss):
+        self.losses[step].copy_(step_loss, non_blocking=True)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((step, end))
+
+    def keep_up(self):
+        """Wait until the GPU is at most LAUNCH_AHEAD_STEPS behind; log the steps it has finished."""
+        while self.pending and (len(self.pending) > LAUNCH_AHEAD_STEPS or self.pending[0][1].query()):
+            self._retire()
+
+    def stop(self):
+        torch.cuda.synchronize()
+        stage, t0, _ = self.running
+        seconds = time.perf_counter() - t0
+        while self.pending:
+            self._retire()
+        self.seconds += seconds
+        self.stage_seconds[stage] += seconds
+        self.running = None
+
+    def _retire(self):
+        step, end = self.pending.popleft()
+        end.synchronize()
+        loss = self.losses[step].item()
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss is {loss} at step {step}: stopping. {self.advice}")
+        seconds = self.seconds + self.running[2].elapsed_time(end) / 1000
+        self.log(f"step:{step + 1}/{self.total_steps} train_time:{1000 * seconds:.0f}ms "
+                 f"step_avg:{1000 * seconds / (step + 1):.2f}ms")
+
+
 class Trainer:
     def __init__(self, hp, rank, world_size, device):
         self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
@@ -1999,9 +2137,23 @@ class Trainer:
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        self.optimizer = NorMuonAdam(self.model, rank, world_size, sparse_bigram=sparse, adam_lr=hp.adam_lr,
-                                     adam_eps=hp.adam_eps, adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr,
-                                     muon_beta2=hp.muon_beta2, muon_weight_decay=hp.muon_weight_decay)
+        self.optimizer = self.new_optimizer(rank, world_size, sparse_bigram=sparse)
+        self.step_loss = torch.zeros((), device=device)  # the step's loss, accumulated on the GPU
+        # each stage's MTP weights, a row per step, on the GPU once: no copy from the host per step
+        self.mtp_tables = {self.schedule.stage_index(first): torch.tensor(
+            [self.schedule.mtp_weights(step) for step in range(first, end)], dtype=torch.float32, device=device)
+            for _, first, end in self.schedule.stage_ranges()}
+        self.graphs = None  # MicroBatchGraphs, captured after the warm-up (--cuda_graphs)
+
+    def new_optimizer(self, rank, world_size, **options):
+        hp = self.hp
+        return NorMuonAdam(self.model, rank, world_size, adam_lr=hp.adam_lr, adam_eps=hp.adam_eps,
+                           adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr, muon_beta2=hp.muon_beta2,
+                           muon_weight_decay=hp.muon_weight_decay, **options)
+
+    def mtp_weights(self, step):
+        stage = self.schedule.stage_index(step)
+        return self.mtp_tables[stage][step - self.schedule.starts[stage]]
 
     def loader(self, first_step=0):
         """Training micro-batches from the first shard on, at the shapes of first_step's stage."""
@@ -2009,24 +2161,32 @@ class Trainer:
         return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
                                           self.grad_accum, self.rank, self.world_size, self.device)
 
-    def train_step(self, step, batches):
-        """Forward and backward over the step's micro-batches, then the optimizer. Returns the loss."""
+    def accumulate_gradients(self, step, batches, use_graphs=True):
+        """Forward and backward over the step's micro-batches: gradients into .grad, the loss into step_loss;
+        through the captured CUDA graphs if there are any (and use_graphs)."""
         stage = self.schedule.stage(step)
-        mtp = torch.tensor(self.schedule.mtp_weights(step), dtype=torch.float32).to(self.device, non_blocking=True)
-        total = torch.zeros((), device=self.device)
-        adam_step = self.schedule.adam_step(step)
-        for i, batch in enumerate(batches):
-            self.optimizer.add_bigram_rows(batch.bigram_rows)
-            loss = run_training_graph(self.compiled, batch, stage, mtp)
-            if adam_step and self.optimizer.sparse_bigram and i == len(batches) - 1:
-                self.optimizer.prepare_bigram_exchange()  # host work and small messages while the GPU computes
-            (loss * LOSS_SCALE).backward()
-            total += loss.detach() * LOSS_SCALE
+        self.step_loss.zero_()
+        for batch in batches:
+            if self.graphs is None or not use_graphs:
+                accumulate_micro_batch(self.compiled, batch, stage, self.mtp_weights(step).clone(), self.step_loss)
+            else:
+                self.graphs.replay(stage, self.model.rotary.attn_scale, batch, self.mtp_weights(step))
+
+    def optimizer_step(self, step, optimizer):
         with torch.profiler.record_function("optimizer"):  # the --profile table's optimizer row
-            self.optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step), adam_step)
+            optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step),
+                           self.schedule.adam_step(step))
+
+    def train_step(self, step, batches):
+        """Forward and backward over the step's micro-batches, then the optimizer. Nothing waits for the GPU."""
+        for batch in batches:
+            self.optimizer.add_bigram_rows(batch.bigram_rows)
+        if self.schedule.adam_step(step) and self.optimizer.sparse_bigram:
+            self.optimizer.prepare_bigram_exchange()  # CPU messages, before the forward is launched
+        self.accumulate_gradients(step, batches)
+        self.optimizer_step(step, self.optimizer)
         if step == self.schedule.split_step:
             self.optimizer.untie()
-        return total
 
     def micro_batches(self, loader, step):
         """The step's micro-batches; the first one tells the loader about a new stage."""
@@ -2041,6 +2201,38 @@ class Trainer:
             old, new = self.schedule.stage(step - 1).windows[1], self.schedule.stage(step).windows[1]
             if new != old:
                 self.model.rotary.yarn(128 * old, 128 * new)
+
+    def set_rotary(self, step):
+        """The rotary tables and attention scale as training has them at step."""
+        self.model.rotary.reset()
+        for s in range(1, step + 1):
+            self.apply_yarn(s)
+
+    def capture_graphs(self, log):
+        """One CUDA graph per stage, largest first (the smaller ones reuse its memory), each with the
+        attention scale of its stage; then gradients and loss are zeroed and the rotary reset."""
+        t0 = time.perf_counter()
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        graphs = MicroBatchGraphs(self.compiled, self.step_loss)
+        firsts = [first for _, first, _ in reversed(self.schedule.stage_ranges())]
+        batches = [self.first_micro_batch(first) for first in firsts]
+        # emptied before and after the warm-up runs: the caching allocator keeps blocks per stream, so
+        # the warm-up steps' cache, these runs' cache and the graphs' pool would otherwise add up
+        torch.cuda.empty_cache()
+        for first, batch in zip(firsts, batches):
+            graphs.warm_up(self.schedule.stage(first), batch, self.mtp_weights(first))
+        torch.cuda.empty_cache()
+        for first, batch in zip(firsts, batches):
+            self.set_rotary(first)
+            graphs.capture(self.schedule.stage(first), self.model.rotary.attn_scale, batch, self.mtp_weights(first))
+        self.model.rotary.reset()
+        torch._foreach_zero_([p.grad for p in self.model.parameters()] + [self.step_loss])
+        torch.cuda.synchronize()
+        log(f"CUDA graphs: {len(graphs.graphs)} captured in {time.perf_counter() - t0:.1f}s "
+            f"(GPU memory reserved: {torch.cuda.memory_reserved() / 2**30:.1f} GiB)")
+        return graphs
 
     @torch.no_grad()
     def validate(self, windows, val_batches=None):
@@ -2114,45 +2306,50 @@ class Trainer:
             for worker in workers.values():
                 worker.stop()
         open(marker, "w").close()
-        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(initial_model[n])
-                p.grad = None
+                p.grad.zero_()  # in place: CUDA graphs accumulate into these tensors
         self.optimizer.load_state_dict(initial_optimizer)
         self.model.rotary.reset()
         loader.close()
+        if self.hp.cuda_graphs:
+            self.graphs = self.capture_graphs(log)
+        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
         log("Resetting Model")
 
     def profile(self, log, launch_time, warm_steps=2, profiled_steps=4):
-        """--profile N: after the warm-up, run stage N's first steps, profile the last profiled_steps
-        with torch.profiler, write a Chrome trace to logs/ and log GPU time per step by category."""
+        """--profile N: after the warm-up, the launch costs of every stage and the eight-GPU emulation;
+        then stage N's first steps, the last profiled_steps under torch.profiler: a Chrome trace in
+        logs/ and GPU time per step by category."""
         from torch.profiler import ProfilerActivity, profile
         self.warmup(log, launch_time)
+        self.log_launch_costs(log)
+        self.emulate_eight_gpus(log)
         first = self.schedule.starts[self.hp.profile - 1]
-        for step in range(1, first + 1):
-            self.apply_yarn(step)
+        self.prepare_stage(first, self.optimizer)
         loader = self.loader(first)
         batches = [next(loader) for _ in range(self.grad_accum)]
+        profiled_first = first + warm_steps
+        warm, profiled = range(first, profiled_first), range(profiled_first, profiled_first + profiled_steps)
 
-        def run(step):  # as the timed loop in train(): the next batches are built while the GPU computes
+        def run(steps):  # as the timed loop in train(): the next batches are built while the GPU computes
             nonlocal batches
-            self.train_step(step, batches)
-            batches = [next(loader) for _ in range(self.grad_accum)]
+            for step in steps:
+                self.train_step(step, batches)
+                batches = [next(loader) for _ in range(self.grad_accum)]
             torch.cuda.synchronize()
-        for step in range(first, first + warm_steps):
-            run(step)
+        run(warm)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for step in range(first + warm_steps, first + warm_steps + profiled_steps):
-                run(step)
+            run(profiled)
         loader.close()
         gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         kernels = [(e.name, e.time_range.start, e.time_range.end) for e in gpu if not e.is_user_annotation]
         optimizer = [(e.time_range.start, e.time_range.end) for e in gpu
                      if e.is_user_annotation and e.name == "optimizer"]
         span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
-        log(f"profile of {self.schedule.stage_name(first)}, steps {first + warm_steps}-"
-            f"{first + warm_steps + profiled_steps - 1}, rank {self.rank}: GPU time per step")
+        log(f"profile of {self.schedule.stage_name(first)}, steps {profiled[0]}-{profiled[-1]}, rank {self.rank}: "
+            "GPU time per step")
         log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
         for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
             log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
@@ -2160,43 +2357,98 @@ class Trainer:
         prof.export_chrome_trace(trace)
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
 
+    def first_micro_batch(self, first_step):
+        loader = self.loader(first_step)
+        batch = next(loader)
+        loader.close()
+        return batch
+
+    def prepare_stage(self, first, optimizer):
+        """Rotary and the optimizer's tied embedding as training has them at a stage's first step (the
+        untie itself is not timed), and one micro-batch at its shapes, for the measurements below."""
+        self.set_rotary(first)
+        optimizer.tied = first < self.schedule.split_step
+        return self.first_micro_batch(first)
+
+    def log_launch_costs(self, log):
+        """Per stage: host and GPU time of one micro-batch (a graph replay, and the eager launches it
+        replaces), and of an optimizer step (the mean of an Adam and a non-Adam step)."""
+        log("launch costs per stage, ms (host: launching it while a sleep kernel holds the GPU; GPU: CUDA events; "
+            "median of 5):")
+        log(f"{'stage':<11}{'micro-batch host, graph':>25}{'host, eager':>13}{'GPU':>9}{'optimizer host':>16}"
+            f"{'GPU':>9}")
+        for name, first, _ in self.schedule.stage_ranges():
+            batch = self.prepare_stage(first, self.optimizer)
+            replay = f"{time_launch(lambda: self.accumulate_gradients(first, [batch]))[0]:.2f}" if self.graphs else "-"
+            eager = time_launch(lambda: self.accumulate_gradients(first, [batch], use_graphs=False))
+            optimizer = time_launch(lambda: [self.optimizer_step(s, self.optimizer) for s in (first, first + 1)])
+            log(f"{name:<11}{replay:>25}{eager[0]:>13.2f}{eager[1]:>9.2f}{optimizer[0] / 2:>16.2f}"
+                f"{optimizer[1] / 2:>9.2f}")
+
+    def emulate_eight_gpus(self, log, warm_steps=2, timed_steps=10):
+        """What one rank of an 8-GPU run spends per step, on this GPU: one micro-batch per step, the
+        optimizer on a 1/8 shard (rank 0's), no communication. Its budget: the micro-batch's GPU time in
+        the same steps (CUDA events around it; the GPU's clock drops under load, so a time taken apart
+        would be too low), the optimizer step's GPU time taken apart (free of launch gaps) and 1 ms. A
+        step stays within it only if the host keeps ahead of the GPU."""
+        optimizer = self.new_optimizer(0, 8, communicate=False)
+        log(f"EIGHT-GPU EMULATION on this one GPU (one rank's work: one micro-batch per step, the optimizer on a "
+            f"1/8 shard, no communication), ms; mean of {timed_steps} steps, timed as training is:")
+        log(f"{'stage':<11}{'ms/step':>9}{'budget':>9}{'micro-batch GPU':>17}{'optimizer host':>16}{'GPU':>9}")
+        for name, first, end in self.schedule.stage_ranges():
+            batch = self.prepare_stage(first, optimizer)
+            steps = [first + i % (end - first) for i in range(warm_steps + timed_steps)]
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(timed_steps)]
+            for s in steps[:warm_steps]:  # compiles the optimizer's graphs for the 1/8 shapes
+                self.accumulate_gradients(s, [batch])
+                self.optimizer_step(s, optimizer)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s, (start, end_of_micro_batch) in zip(steps[warm_steps:], events):
+                start.record()
+                self.accumulate_gradients(s, [batch])
+                end_of_micro_batch.record()
+                self.optimizer_step(s, optimizer)
+            torch.cuda.synchronize()
+            ms = 1000 * (time.perf_counter() - t0) / timed_steps
+            micro = sum(a.elapsed_time(b) for a, b in events) / timed_steps
+            opt = time_launch(lambda: [self.optimizer_step(s, optimizer) for s in (first, first + 1)])
+            budget = micro + opt[1] / 2 + 1
+            log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt[0] / 2:>16.2f}{opt[1] / 2:>9.2f}")
+
     def train(self, log, launch_time):
         self.warmup(log, launch_time)
         schedule, total_steps = self.schedule, self.schedule.total
         loader = self.loader()
-        step_times = [[] for _ in range(4)]
         graphs_after_warmup = counters["stats"]["unique_graphs"]
-        torch.cuda.synchronize()
-        train_time = 0.0
+        clock = TrainingClock(total_steps, log, f"Lower the learning rates (--adam_lr {self.hp.adam_lr}, --muon_lr "
+                                                f"{self.hp.muon_lr}) or check the data.")
+        batches = self.micro_batches(loader, 0)
         for step in range(total_steps + 1):
             last = step == total_steps
-            if last or (self.hp.val_loss_every and step % self.hp.val_loss_every == 0):
+            validating = last or (self.hp.val_loss_every and step % self.hp.val_loss_every == 0)
+            new_stage = 0 < step < total_steps and schedule.stage_index(step) != schedule.stage_index(step - 1)
+            if clock.running and (validating or new_stage):
+                clock.stop()
+            if validating:
                 windows = FINAL_VAL_WINDOWS if last else schedule.stage(step).windows
                 val_loss = self.validate(windows)
-                log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{1000 * train_time:.0f}ms "
-                    f"step_avg:{1000 * train_time / max(step, 1):.2f}ms")
+                log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{1000 * clock.seconds:.0f}ms "
+                    f"step_avg:{1000 * clock.seconds / max(step, 1):.2f}ms")
             if last:
                 break
-            t0 = time.perf_counter()
+            if not clock.running:
+                clock.start(schedule.stage_index(step))
             self.apply_yarn(step)
-            if step == 0:
-                batches = self.micro_batches(loader, 0)
-            loss = self.train_step(step, batches)
+            self.train_step(step, batches)
+            clock.launched(step, self.step_loss)
             if step + 1 < total_steps:  # the host builds the next step's batches while the GPU computes
                 batches = self.micro_batches(loader, step + 1)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            train_time += dt
-            step_times[schedule.stage_index(step)].append(dt)
-            if not math.isfinite(loss.item()):
-                raise TrainingError(f"the training loss is {loss.item()} at step {step}: stopping. Lower the "
-                                    f"learning rates (--adam_lr {self.hp.adam_lr}, --muon_lr {self.hp.muon_lr}) or "
-                                    "check the data.")
-            log(f"step:{step + 1}/{total_steps} train_time:{1000 * train_time:.0f}ms "
-                f"step_avg:{1000 * train_time / (step + 1):.2f}ms")
+            clock.keep_up()
         for name, first, end in schedule.stage_ranges():
-            times = step_times[schedule.stage_index(first)]
-            log(f"{name} (steps {first}-{end - 1}): {1000 * sum(times) / len(times):.1f} ms/step")
+            stage = schedule.stage_index(first)
+            log(f"{name} (steps {first}-{end - 1}): {1000 * clock.stage_seconds[stage] / (end - first):.1f} ms/step")
         if counters["stats"]["unique_graphs"] > graphs_after_warmup:
             log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warmup} graph(s) compiled after the "
                 "warm-up: the step times above include their compilation (Schedule.warmup_steps misses a path)")

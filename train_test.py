@@ -359,6 +359,61 @@ def test_sparse_and_dense_bigram_exchange_agree(optimizer_runs):
         assert torch.equal(dense["bigram_embed"], sparse["bigram_embed"])
 
 
+def accumulate_slot_gradients(model, step, slots):
+    for slot in slots:
+        grads, rows = slot_gradients(model, step, slot)
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                p.grad = grads[name].clone()
+            else:
+                p.grad += grads[name]
+
+
+def test_emulated_rank_updates_its_shards_as_one_process_does():
+    """communicate=False with world size 8: rank 0's shards move exactly as the whole tensors of a
+    one-process run (whose math every world size shares, above), the other shards not at all."""
+    runs = {}
+    for emulate in (False, True):
+        model = tiny_model()
+        opt = tg.NorMuonAdam(model, 0, 8, communicate=False) if emulate else tg.NorMuonAdam(model)
+        for step in range(SPLIT_STEP):  # tied embedding throughout: the emulation never unties
+            accumulate_slot_gradients(model, step, range(8))
+            opt.step(lr_multiplier=1.0 - 0.05 * step, momentum=0.9, adam_step=step % 2 == 1)
+        runs[emulate] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(0)
+    initial = {name: p.detach() for name, p in tiny_model().named_parameters()}
+    opt = tg.NorMuonAdam(tiny_model(), 0, 8, communicate=False)
+    for group in tg.PARAM_GROUPS:
+        if group.label == "embed":  # a copy of lm_head while tied
+            continue
+        shape = opt._view(group.label).shape  # sharded along dim 0 of this view
+        full, emulated, start = (t.reshape(shape) for t in (runs[False][group.attr], runs[True][group.attr],
+                                                             initial[group.attr]))
+        own = opt._chunk(group.label, torch.arange(full.size(0)))
+        assert torch.equal(emulated[own], full[own]), group.label
+        others = torch.ones(full.size(0), dtype=torch.bool)
+        others[own] = False
+        assert torch.equal(emulated[others], start[others]), group.label
+        assert not torch.equal(full[own], start[own]), f"{group.label} never moved"
+
+
+def test_step_zeroes_the_consumed_gradients_in_place():
+    """CUDA graphs add into the .grad tensors they were captured with: step() must keep those tensors,
+    zero what it consumed and leave the Adam gradients of a non-Adam step to accumulate."""
+    model = tiny_model()
+    opt = tg.NorMuonAdam(model)
+    for adam_step in (False, True):
+        accumulate_slot_gradients(model, 0, range(2))
+        grads = {name: (p.grad, p.grad.clone()) for name, p in model.named_parameters()}
+        opt.step(1.0, 0.9, adam_step=adam_step)
+        for group in tg.PARAM_GROUPS:
+            grad, before = grads[group.attr]
+            p = getattr(model, group.attr)
+            assert p.grad is grad, group.label
+            consumed = group.optim == "normuon" or adam_step
+            assert torch.equal(grad, torch.zeros_like(grad) if consumed else before), (group.label, adam_step)
+
+
 def test_state_dict_round_trip():
     model = tiny_model()
     opt = tg.NorMuonAdam(model)
@@ -730,6 +785,27 @@ def test_parallel_compile_gives_the_same_losses(small_data, tmp_path):
         assert ("a worker compiled the training graph of 393,216 tokens/step" in out.stdout) == (parallel == "on")
         losses[parallel] = [float(x) for x in re.findall(r"^step:\d+/4 val_loss:(\S+)", out.stdout, re.MULTILINE)]
     assert len(losses["on"]) == 5 and np.allclose(losses["on"], losses["off"], rtol=0, atol=2e-3), losses
+
+
+@needs_gpu
+def test_cuda_graphs_give_the_losses_of_the_plain_step(small_data, tmp_path):
+    """Four steps, one in each stage and the extension (every captured graph, every stage change),
+    replayed as CUDA graphs, validate as the plain launches do (to the run-to-run noise of the
+    attention backward's atomics); a loss blown up by the learning rate still stops the run."""
+    losses = {}
+    for graphs in ("true", "false"):
+        out = run_script(small_data + ["--num_extension_iterations", "1", "--val_loss_every", "1", "--run_id",
+                                       f"g{graphs}", "--cuda_graphs", graphs], tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert ("CUDA graphs: 4 captured" in out.stdout) == (graphs == "true"), out.stdout[-3000:]
+        assert re.findall(r"^step:(\d+)/4 train_time", out.stdout, re.MULTILINE) == ["1", "2", "3", "4"]
+        losses[graphs] = [float(x) for x in re.findall(r"^step:\d+/4 val_loss:(\S+)", out.stdout, re.MULTILINE)]
+    assert len(losses["true"]) == 5 and np.allclose(losses["true"], losses["false"], rtol=0, atol=2e-3), losses
+    assert len(set(losses["true"])) == 5, f"training must change the loss: {losses}"
+    out = run_script(small_data + ["--num_extension_iterations", "1", "--muon_lr", "1e30", "--run_id", "blowup"],
+                     tmp_path)
+    assert out.returncode == 1 and re.match(r"error: the training loss is (nan|inf) at step [0-3]: stopping\. Lower "
+                                            r"the learning rates", out.stderr), out.stderr[-3000:]
 
 
 @needs_gpu
