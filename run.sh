@@ -7,8 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
+NPROC=${NPROC:-8}
+case "$NPROC" in
+  1|2|4|8) ;;
+  *) echo "error: NPROC=$NPROC: train_gpt.py runs on 1, 2, 4 or 8 GPUs" >&2; exit 1 ;;
+esac
 case " $* " in
   *" --train_files"*) ;;  # the user's own data: nothing to fetch
   *) "$PYTHON" data/cached_fineweb10B.py 9 ;;
 esac
-"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-8}" train_gpt.py "$@"
+# The arguments and the data, checked in one process first: a problem is then one line, not under
+# torchrun's report of a failed child.
+WORLD_SIZE="$NPROC" "$PYTHON" train_gpt.py "$@" --check > /dev/null
+"$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" train_gpt.py "$@"

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -67,6 +68,9 @@ class TrainingError(Exception):
 def shard_problem(path):
     """None if path is a well-formed shard, else a sentence saying what is wrong with it."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):  # a folder, or a pipe, which would block the read below
+            return f"is not a file but a {'folder' if stat.S_ISDIR(mode) else 'pipe, socket or device'}"
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -87,8 +91,15 @@ def shard_problem(path):
 
 def check_shard(path):
     problem = shard_problem(path)
-    if problem:
-        raise DataError(f"{path} {problem}. Delete it and fetch or generate it again.")
+    if problem is None:
+        return
+    if problem.startswith("is not a file"):
+        fix = "Give --train_files / --val_files patterns that match shard files only."
+    elif problem.startswith("cannot be read"):
+        fix = "Check that it exists and that you may read it."
+    else:
+        fix = "Delete it and fetch or generate it again."
+    raise DataError(f"{path} {problem}. {fix}")
 
 
 def load_shard(path):
@@ -979,6 +990,19 @@ def choose_attention_backend(requested, capability, fa4_importable):
     return requested
 
 
+def check_fa4_installed(requested):
+    """--attention fa4 where FlashAttention 4 cannot be imported: known before any GPU work."""
+    if requested != "fa4":
+        return
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--attention fa4 needs {ATTENTION_INSTALL['fa4']}, and it does not import here: install "
+                         "it, or use --attention auto") from None
+    except Exception:  # installed, but its import needs something only the GPU run will show
+        pass
+
+
 def attention_backend(requested, device):
     """choose_attention_backend for this machine: the GPU of device, and whether FA4 imports."""
     device = torch.device(device)
@@ -1661,6 +1685,9 @@ class Hyperparameters:
                                              "graph, captured after the warm-up, instead of launching ~700 kernels")
 
 
+PROFILE_WARM_STEPS, PROFILE_STEPS = 2, 4  # --profile N runs this many steps of stage N, then profiles these
+MAX_LEARNING_RATE = 10.0  # far above any that trains (the defaults are 0.008 and 0.023): larger ones are typos
+MAX_RUN_ID_CHARS = 200  # the longest file a run names, <run_id>_rank7_trace.json, stays within 255 bytes
 CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off"),
            "parallel_compile": ("auto", "on", "off")}
 
@@ -1707,12 +1734,16 @@ def check_arguments(hp, world_size):
     for name in ("num_extension_iterations", "val_loss_every"):
         if getattr(hp, name) < 0:
             problems.append(f"--{name} must be 0 or more, not {getattr(hp, name)}")
-    for name in ("adam_lr", "adam_eps", "muon_lr"):
-        if not getattr(hp, name) > 0 or math.isinf(getattr(hp, name)):
-            problems.append(f"--{name} must be a positive number, not {getattr(hp, name)}")
+    for name in ("adam_lr", "muon_lr"):
+        if not 0 < getattr(hp, name) <= MAX_LEARNING_RATE:
+            problems.append(f"--{name} must be a positive number up to {MAX_LEARNING_RATE:g}, not {getattr(hp, name)}")
+    if not hp.adam_eps > 0 or math.isinf(hp.adam_eps):
+        problems.append(f"--adam_eps must be a positive number, not {hp.adam_eps}")
     for name in ("adam_weight_decay", "muon_weight_decay"):
         if not getattr(hp, name) >= 0 or math.isinf(getattr(hp, name)):
             problems.append(f"--{name} must be 0 or a positive number, not {getattr(hp, name)}")
+    if not 0 <= hp.seed < 2**64:
+        problems.append(f"--seed must lie in [0, 2^64), as torch.manual_seed takes it, not {hp.seed}")
     if not 0 <= hp.muon_beta2 < 1:
         problems.append(f"--muon_beta2 must lie in [0, 1), not {hp.muon_beta2}")
     if hp.profile not in (0, 1, 2, 3):
@@ -1720,13 +1751,16 @@ def check_arguments(hp, world_size):
     elif hp.profile:
         schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
         length = schedule.starts[hp.profile] - schedule.starts[hp.profile - 1]
-        if length < 6:
-            problems.append(f"--profile {hp.profile} runs 6 steps of stage {hp.profile}, which has {length} here: "
+        if length < PROFILE_WARM_STEPS + PROFILE_STEPS:
+            problems.append(f"--profile {hp.profile} runs {PROFILE_WARM_STEPS + PROFILE_STEPS} steps of stage "
+                            f"{hp.profile}, which has {length} here: "
                             "raise --num_scheduled_iterations")
     if hp.sparse_bigram == "on" and world_size == 1:
         problems.append("--sparse_bigram on exchanges gradients between GPUs, and this run has one: use auto or off")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", hp.run_id) or hp.run_id.startswith("."):
         problems.append(f"--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not {hp.run_id!r}")
+    elif len(hp.run_id) > MAX_RUN_ID_CHARS:
+        problems.append(f"--run_id names files in logs/: at most {MAX_RUN_ID_CHARS} characters, not {len(hp.run_id)}")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -1736,9 +1770,13 @@ def launch_environment():
     values = {}
     for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
         text = os.environ.get(name, str(default))
-        if not text.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", text.strip()):
             raise UsageError(f"{name}={text!r} is not a whole number: launch with torchrun, or unset it")
         values[name] = int(text)
+    for name in ("RANK", "LOCAL_RANK"):
+        if values["WORLD_SIZE"] and values[name] >= values["WORLD_SIZE"]:
+            raise UsageError(f"{name}={values[name]} is not below WORLD_SIZE={values['WORLD_SIZE']}: launch with "
+                             "torchrun, or unset them")
     return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
 
 
@@ -1752,37 +1790,128 @@ def log_path(run_id):
     return os.path.join("logs", f"{run_id}.txt")
 
 
-def preflight(hp, world_size):
-    """Check every data file and walk the whole schedule's batches as the loader will draw them, on
-    the CPU, before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
-    schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
-    train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
-    shared = sorted(set(map(os.path.realpath, train_files)) & set(map(os.path.realpath, val_files)))
-    if shared:
-        raise DataError(f"{len(shared)} file(s) match both --train_files and --val_files ({shared[0]}): validation "
-                        "would score training tokens. Give the two patterns disjoint files.")
-    available = sum(shard_tokens(path) for path in train_files)  # every header and size, used or not
-    for path in val_files:
-        load_shard(path)  # token ids
-    lines = [f"plan: {schedule.total} steps, world size {world_size} (gradient accumulation {8 // world_size})"]
-    reader, drawn = ShardReader(hp.train_files), 0
+def checkpoint_path(run_id, rank):
+    return os.path.join("logs", f"{run_id}_rank{rank}.pt")
+
+
+def trace_path(run_id, rank):
+    return os.path.join("logs", f"{run_id}_rank{rank}_trace.json")
+
+
+def check_outputs(hp, world_size):
+    """The files this run will write must be new, in a logs/ folder that is one or can be made."""
+    if os.path.lexists("logs") and not os.path.isdir("logs"):
+        raise UsageError("logs is not a folder (a file, or a link to none): runs write their logs into logs/ in "
+                         "the current folder. Move it away, or run from another folder")
+    paths = [log_path(hp.run_id)]
+    paths += [checkpoint_path(hp.run_id, rank) for rank in range(world_size)] if hp.save_checkpoint else []
+    paths += [trace_path(hp.run_id, rank) for rank in range(world_size)] if hp.profile else []
+    taken = [path for path in paths if os.path.lexists(path)]
+    if taken:
+        raise UsageError(f"{taken[0]} exists (an earlier run's, finished or failed): each run writes its own files, "
+                         "so choose another --run_id, or delete it")
+
+
+IDENTITY_BYTES = 2**20  # two files whose size and first and last MiB agree hold the same data
+
+
+def file_identities(path):
+    """What makes two paths the same data: the file itself (device and inode: symbolic and hard links),
+    and its size with a digest of its first and last MiB (byte copies)."""
+    status = os.stat(path)
+    with open(path, "rb") as f:
+        head = f.read(IDENTITY_BYTES)
+        f.seek(max(0, status.st_size - IDENTITY_BYTES))
+        digest = hashlib.sha256(head + f.read()).hexdigest()
+    return (status.st_dev, status.st_ino), (status.st_size, digest)
+
+
+def check_distinct_files(train_files, val_files):
+    """No data twice: not in the training files, nor in both training and validation."""
+    seen = {}
+    for flag, path in [("--train_files", p) for p in train_files] + [("--val_files", p) for p in val_files]:
+        for identity in file_identities(path):
+            if identity not in seen:
+                seen[identity] = flag, path
+                continue
+            other_flag, other = seen[identity]
+            if other_flag != flag:
+                raise DataError(f"{other} ({other_flag}) and {path} ({flag}) hold the same data (one file, a link or "
+                                "a copy): validation would score training tokens. Give the two patterns different data.")
+            raise DataError(f"{other} and {path} ({flag}) hold the same data (one file, a link or a copy): it would be "
+                            "read twice. Remove one of them.")
+
+
+def check_validation_data(files, val_tokens):
+    """What validation reads, as validation_batches will: token ids, BOS tokens, documents per window."""
+    shards = [load_shard(path) for path in files]
+    for path, tokens in zip(files, shards):
+        if not np.any(tokens == BOS_ID):
+            raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
+                            "Fetch or generate it again.")
+    tokens = np.concatenate(shards)
+    file_ends = np.cumsum([len(t) for t in shards])
+    for start in range(0, val_tokens, VAL_LOCAL_TOKENS):
+        window = tokens[start:start + VAL_LOCAL_TOKENS]
+        documents = np.count_nonzero(window == BOS_ID) + (window[0] != BOS_ID)
+        check_doc_count(documents, VAL_LOCAL_TOKENS, files[np.searchsorted(file_ends, start, side="right")])
+
+
+def walk_batches(pattern, stages, what):
+    """Draw the batches of these steps (a Stage each) from the first shard on, as the loader will, and
+    check every micro-batch's documents. Returns (shards opened, tokens drawn)."""
+    reader, drawn = ShardReader(pattern), 0
     try:
-        for name, first, end in schedule.stage_ranges():
-            stage = schedule.stage(first)
+        for step, stage in enumerate(stages):
             local_tokens = stage.batch_tokens // SLOTS_PER_STEP
-            for step in range(first, end):
-                for segments in reader.next_step(local_tokens, stage.max_seq_len):
-                    check_doc_count(len(segments), local_tokens, reader.path)  # as micro_batch will
-            drawn += (end - first) * (stage.batch_tokens + SLOTS_PER_STEP)
-            lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
-                         f"{stage.max_seq_len}, windows {128 * stage.windows[0]}/{128 * stage.windows[1]}")
-    except OutOfTrainingData:
-        raise DataError(f"{hp.train_files!r} runs out at step {step} of {schedule.total}: its {len(train_files)} "
-                        f"shard(s) hold {available:,} tokens. Add shards ({FETCH_HINT}), or shorten the "
-                        "schedule.") from None
+            try:
+                slots = reader.next_step(local_tokens, stage.max_seq_len)
+            except OutOfTrainingData:
+                tokens = sum(shard_tokens(path) for path in reader.files)
+                raise DataError(f"{pattern!r} runs out at step {step} of {len(stages)}{what}: its {len(reader.files)} "
+                                f"shard(s) hold {tokens:,} tokens. Add shards ({FETCH_HINT}), or shorten the schedule. "
+                                "(Each document is cut to the stage's sequence length, "
+                                f"{'/'.join(str(s.max_seq_len) for s in STAGES)} tokens, and the rest of it dropped: "
+                                "long documents use the data up faster.)") from None
+            for segments in slots:
+                check_doc_count(len(segments), local_tokens, reader.path)  # as micro_batch will
+            drawn += stage.batch_tokens + SLOTS_PER_STEP
     finally:
         reader.close()
-    lines.append(f"  train: {reader.next_index} of the {len(train_files)} shard(s) of {hp.train_files!r}, "
+    return reader.next_index, drawn
+
+
+def other_draws(hp, schedule):
+    """(what, stages) of every other draw of training batches a run makes, each from the first shard:
+    the warm-up, one step at each stage's shapes (compile workers, CUDA graphs' capture, --profile's
+    launch costs) and --profile's steps."""
+    draws = [(" of the warm-up", [schedule.stage(step) for step in schedule.warmup_steps()])]
+    draws += [(f" of {name}'s first micro-batch", [schedule.stage(first)])
+              for name, first, _ in schedule.stage_ranges()]
+    if hp.profile:
+        draws.append((f" of --profile {hp.profile}",
+                      [schedule.stage(schedule.starts[hp.profile - 1])] * (PROFILE_WARM_STEPS + PROFILE_STEPS + 1)))
+    return draws
+
+
+def preflight(hp, world_size):
+    """Check every data file and walk every batch the run will draw, as the loader will, on the CPU,
+    before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
+    schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
+    train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
+    for path in train_files:  # every header and size, used or not
+        check_shard(path)
+    check_distinct_files(train_files, val_files)
+    check_validation_data(val_files, hp.val_tokens)
+    shards, drawn = walk_batches(hp.train_files, [schedule.stage(step) for step in range(schedule.total)], "")
+    for what, stages in other_draws(hp, schedule):
+        walk_batches(hp.train_files, stages, what)
+    lines = [f"plan: {schedule.total} steps, world size {world_size} (gradient accumulation {8 // world_size})"]
+    for name, first, end in schedule.stage_ranges():
+        stage = schedule.stage(first)
+        lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
+                     f"{stage.max_seq_len}, windows {128 * stage.windows[0]}/{128 * stage.windows[1]}")
+    lines.append(f"  train: {shards} of the {len(train_files)} shard(s) of {hp.train_files!r}, "
                  f"{drawn:,} tokens drawn (a shard's tail that cannot hold a whole step is skipped)")
     lines.append(f"  val: {hp.val_tokens:,} + 1 tokens from {len(val_files)} shard(s) of {hp.val_files!r}")
     return lines
@@ -1796,6 +1925,11 @@ class Logger:
         self.path = log_path(run_id)
         if master:
             os.makedirs("logs", exist_ok=True)
+            try:  # created here, not at the first line: a run started since check_outputs cannot share it
+                open(self.path, "x").close()
+            except FileExistsError:
+                raise UsageError(f"{self.path} exists: another run with this --run_id started meanwhile; choose "
+                                 "another") from None
 
     def __call__(self, line="", console=True):
         if self.master:
@@ -2318,7 +2452,7 @@ class Trainer:
         log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
         log("Resetting Model")
 
-    def profile(self, log, launch_time, warm_steps=2, profiled_steps=4):
+    def profile(self, log, launch_time, warm_steps=PROFILE_WARM_STEPS, profiled_steps=PROFILE_STEPS):
         """--profile N: after the warm-up, the launch costs of every stage and the eight-GPU emulation;
         then stage N's first steps, the last profiled_steps under torch.profiler: a Chrome trace in
         logs/ and GPU time per step by category."""
@@ -2353,7 +2487,7 @@ class Trainer:
         log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
         for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
             log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
-        trace = os.path.join("logs", f"{self.hp.run_id}_rank{self.rank}_trace.json")
+        trace = trace_path(self.hp.run_id, self.rank)
         prof.export_chrome_trace(trace)
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
 
@@ -2455,7 +2589,7 @@ class Trainer:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         if self.hp.save_checkpoint:
-            path = os.path.join("logs", f"{self.hp.run_id}_rank{self.rank}.pt")
+            path = checkpoint_path(self.hp.run_id, self.rank)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
             log(f"saved {path} (and one per rank)")
 
@@ -2466,15 +2600,15 @@ def main(argv=None):
     rank, world_size, local_rank = launch_environment()
     grad_accum = check_world_size(world_size)
     check_arguments(hp, world_size)
+    check_fa4_installed(hp.attention)
     hp.run_id = hp.run_id or str(uuid.uuid4())
-    if rank == 0 and os.path.exists(log_path(hp.run_id)):
-        raise UsageError(f"{log_path(hp.run_id)} exists: each run gets its own log, so choose another --run_id")
+    check_outputs(hp, world_size)
     t0 = time.perf_counter()
     plan = preflight(hp, world_size)
     plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
     if check:
         if rank == 0:
-            print("\n".join(plan))
+            print_lines(plan)
         return
     if "OMP_NUM_THREADS" not in os.environ:
         # As torchrun does, so a plain run's host data path matches a torchrun one: copies above
@@ -2483,6 +2617,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
                          "--check validates the data without one")
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK={local_rank}, but this machine has {torch.cuda.device_count()} GPU(s) in "
+                         "view (CUDA_VISIBLE_DEVICES): start at most that many processes per machine")
     device = torch.device("cuda", local_rank)
     if torch.cuda.get_device_capability(device) < (9, 0):
         major, minor = torch.cuda.get_device_capability(device)
@@ -2505,10 +2642,19 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def print_lines(lines):
+    try:
+        print("\n".join(lines), flush=True)
+    except OSError as e:  # a full disk, a closed pipe: say so in one line
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail
+        raise UsageError(f"cannot write to the standard output ({e.strerror})") from None
+
+
 def is_secondary_rank():
-    """Ranks above 0 fail exactly as rank 0 does: only rank 0 prints the message."""
+    """Under torchrun, ranks above 0 fail exactly as rank 0 does: only rank 0 prints the message. A
+    process started alone with RANK > 0 has no rank 0 to speak for it."""
     rank = os.environ.get("RANK", "0").strip()
-    return rank.isdigit() and int(rank) > 0
+    return "TORCHELASTIC_RUN_ID" in os.environ and re.fullmatch(r"[0-9]+", rank) is not None and int(rank) > 0
 
 
 if __name__ == "__main__":

@@ -527,13 +527,18 @@ def test_help_describes_every_flag(capsys):
     (["--num_scheduled_iterations", "-5"], 1, "--num_scheduled_iterations must be at least 3 .*not -5"),
     (["--num_extension_iterations", "-1"], 1, "--num_extension_iterations must be 0 or more, not -1"),
     (["--val_loss_every", "-1"], 1, "--val_loss_every must be 0 or more, not -1"),
-    (["--muon_lr", "nan"], 1, "--muon_lr must be a positive number, not nan"),
-    (["--adam_lr", "0"], 1, "--adam_lr must be a positive number, not 0.0"),
+    (["--muon_lr", "nan"], 1, "--muon_lr must be a positive number up to 10, not nan"),
+    (["--adam_lr", "0"], 1, "--adam_lr must be a positive number up to 10, not 0.0"),
+    (["--adam_lr", "1e300"], 1, "--adam_lr must be a positive number up to 10, not 1e"),
+    (["--adam_eps", "inf"], 1, "--adam_eps must be a positive number, not inf"),
+    (["--seed", "18446744073709551616"], 1, r"--seed must lie in \[0, 2\^64\)"),
+    (["--seed", "-1"], 1, r"--seed must lie in \[0, 2\^64\)"),
     (["--muon_weight_decay", "-1"], 1, "--muon_weight_decay must be 0 or a positive number, not -1.0"),
     (["--muon_beta2", "1"], 1, r"--muon_beta2 must lie in \[0, 1\), not 1.0"),
     (["--sparse_bigram", "on"], 1, "--sparse_bigram on exchanges gradients between GPUs, and this run has one"),
     (["--run_id", "a/b"], 1, "--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not 'a/b'"),
     (["--run_id", ".."], 1, "--run_id names a file in logs/"),
+    (["--run_id", "x" * 201], 1, "--run_id names files in logs/: at most 200 characters, not 201"),
 ])
 def test_bad_arguments(argv, world_size, message):
     hp, _ = tg.parse_args(argv)
@@ -558,6 +563,44 @@ def test_launch_environment_must_be_numbers(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(tg.UsageError, match=f"^{name}='{value}' is not a whole number: launch with torchrun, or unset"):
         tg.launch_environment()
+
+
+@pytest.mark.parametrize("env,message", [(dict(RANK="5", WORLD_SIZE="2"), "RANK=5 is not below WORLD_SIZE=2"),
+                                         (dict(RANK="1"), "RANK=1 is not below WORLD_SIZE=1"),
+                                         (dict(LOCAL_RANK="9", WORLD_SIZE="8"), "LOCAL_RANK=9 is not below WORLD_SIZE=8")])
+def test_ranks_must_lie_below_the_world_size(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.UsageError, match=f"^{message}: launch with torchrun, or unset them"):
+        tg.launch_environment()
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda: open("logs", "w").close(), "logs is not a folder"),
+    (lambda: os.symlink("nowhere", "logs"), "logs is not a folder"),
+    (lambda: (os.makedirs("logs"), open("logs/r_rank0.pt", "w").close()), r"logs/r_rank0.pt exists \(an earlier run's"),
+])
+def test_outputs_are_checked_before_the_run(small_data, tmp_path, monkeypatch, setup, message):
+    monkeypatch.chdir(tmp_path)
+    setup()
+    with pytest.raises(tg.UsageError, match=f"^{message}"):
+        tg.main(small_data + ["--run_id", "r", "--save_checkpoint", "--check"])
+    if os.path.isdir("logs"):  # without --save_checkpoint the checkpoint's name is free
+        tg.main(small_data + ["--run_id", "r", "--check"])
+
+
+def test_the_log_is_created_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tg.Logger("r", master=True)
+    with pytest.raises(tg.UsageError, match="^logs/r.txt exists: another run with this --run_id started meanwhile"):
+        tg.Logger("r", master=True)
+
+
+def test_check_refuses_fa4_where_it_does_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as on a machine without flash-attn-4
+    with pytest.raises(tg.UsageError, match=r"^--attention fa4 needs FlashAttention 4 .*, and it does not import here"):
+        tg.check_fa4_installed("fa4")
+    tg.check_fa4_installed("auto")  # auto falls back to PyTorch's attention
 
 
 @pytest.fixture(scope="module")
@@ -589,15 +632,17 @@ def test_a_used_run_id_is_refused(small_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.makedirs("logs")
     open(os.path.join("logs", "taken.txt"), "w").close()
-    with pytest.raises(tg.UsageError, match=r"^logs/taken.txt exists: each run gets its own log, so choose another"):
+    with pytest.raises(tg.UsageError, match=r"^logs/taken.txt exists \(an earlier run's, finished or failed\): "
+                                            "each run writes its own files, so choose another --run_id"):
         tg.main(small_data + ["--run_id", "taken", "--check"])
 
 
-def run_script(args, cwd, **env):
+def run_script(args, cwd, stdout=None, **env):
+    """train_gpt.py in a process of its own; its output is captured unless stdout is given."""
     import subprocess
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt.py")
-    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **env})
+    return subprocess.run([sys.executable, script, *args], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=cwd, env={**os.environ, **env})
 
 
 def test_script_errors_are_one_line(small_data, tmp_path):
@@ -605,6 +650,9 @@ def test_script_errors_are_one_line(small_data, tmp_path):
     cases = [([], dict(WORLD_SIZE="3"), "world size 3 does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8"),
              (["--nope"], {}, "unrecognized arguments: --nope (python train_gpt.py --help lists the flags)"),
              ([], dict(RANK="x"), "RANK='x' is not a whole number: launch with torchrun, or unset it"),
+             ([], dict(WORLD_SIZE="\u00b2"), "WORLD_SIZE='\u00b2' is not a whole number"),
+             (small_data + ["--val_tokens", "7"], dict(RANK="1", WORLD_SIZE="2"),  # no torchrun: no rank 0 to speak
+              "--val_tokens must be a positive multiple"),
              (small_data + ["--num_scheduled_iterations", "300"], {},
               f"{small_data[1]!r} runs out at step 10 of 300: its 2 shard(s) hold 2,000,000 tokens. Add shards")]
     if not GPU:
@@ -614,8 +662,15 @@ def test_script_errors_are_one_line(small_data, tmp_path):
         out = run_script(args, tmp_path, **env)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"error: {message}"), out.stderr
+    out = run_script(small_data + ["--val_tokens", "7"], tmp_path, RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x")
+    assert out.returncode == 1 and out.stderr == "", "under torchrun rank 0 speaks for the others"
     out = run_script(small_data + ["--check"], tmp_path)
     assert out.returncode == 0 and out.stderr == "" and "pre-flight checks passed" in out.stdout
+    if os.path.exists("/dev/full"):  # a disk that is full
+        with open("/dev/full", "w") as full:
+            out = run_script(small_data + ["--check"], tmp_path, stdout=full)
+        assert out.returncode == 1 and out.stderr == ("error: cannot write to the standard output (No space left on "
+                                                      "device)\n"), out.stderr
 
 
 def test_profile_needs_a_stage_with_six_steps():
@@ -723,6 +778,22 @@ def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("plan: 3 steps, world size 2 (gradient accumulation 4)\n")
     assert out.stdout.count("pre-flight checks passed") == 1 and "FineWeb shards" not in out.stderr
+
+
+@pytest.mark.parametrize("nproc,args,message", [
+    ("0", [], "NPROC=0: train_gpt.py runs on 1, 2, 4 or 8 GPUs"),
+    ("abc", [], "NPROC=abc: train_gpt.py runs on 1, 2, 4 or 8 GPUs"),
+    ("3", [], "NPROC=3: train_gpt.py runs on 1, 2, 4 or 8 GPUs"),
+    ("2", ["--val_tokens", "7"], "--val_tokens must be a positive multiple of the val batch"),
+])
+def test_run_sh_errors_are_one_line(small_data, tmp_path, nproc, args, message):
+    """Before torchrun: its report of a failed child would bury the message."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.sh")
+    out = subprocess.run(["bash", script, *small_data, *args], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "NPROC": nproc, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith(f"error: {message}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ def fetch(name, local_dir, record):
         if constants.HF_HUB_OFFLINE:
             raise DownloadError(f"{path} {problem}, and HF_HUB_OFFLINE is set, so it cannot be fetched again: "
                                 "delete it and run this online.")
+    elif constants.HF_HUB_OFFLINE:
+        raise DownloadError(f"{path} is not there, and HF_HUB_OFFLINE is set, so it cannot be fetched: unset "
+                            "HF_HUB_OFFLINE and run this online.")
     for _ in range(ATTEMPTS):
         with tempfile.TemporaryDirectory(dir=local_dir, prefix=".download-") as staging:
             try:
@@ -106,6 +109,7 @@ def main(argv=None):
         parser.error(f"N must be between 0 and {ALL_TRAIN_SHARDS}")
     names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, args.num_train_shards + 1)]
     counts = {"present": 0, "downloaded": 0}
+    created = not os.path.exists(args.local_dir)
     try:
         try:
             os.makedirs(args.local_dir, exist_ok=True)
@@ -115,6 +119,8 @@ def main(argv=None):
         for name in tqdm(names, desc="FineWeb shards", unit="file"):
             counts[fetch(name, args.local_dir, None if records is None else records.get(name))] += 1
     except DownloadError as e:
+        if created and os.path.isdir(args.local_dir) and not os.listdir(args.local_dir):
+            os.rmdir(args.local_dir)  # nothing fetched: leave no empty folder behind
         print(f"error: {e}", file=sys.stderr)
         return 1
     checked = "verified against the hub" if records is not None else "well-formed (offline: not verified)"

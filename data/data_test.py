@@ -272,9 +272,70 @@ def test_preflight_needs_enough_validation_tokens(small_run):
 
 
 def test_preflight_refuses_overlapping_train_and_val_files(small_run, tmp_path):
-    with pytest.raises(tg.DataError, match=r"^2 file\(s\) match both --train_files and --val_files .*"
-                                           "fineweb_train_000001.bin.*validation would score training tokens"):
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin \(--train_files\) and .*fineweb_train_000001.bin "
+                                           r"\(--val_files\) hold the same data .*validation would score training tokens"):
         preflight(small_run + ["--val_files", str(tmp_path / "fineweb_*.bin")])
+
+
+LINKS = {"hard link": os.link, "symbolic link": os.symlink, "byte copy": lambda a, b: b.write_bytes(a.read_bytes())}
+
+
+@pytest.mark.parametrize("make", LINKS)
+def test_preflight_refuses_the_same_data_twice(small_run, tmp_path, make):
+    (tmp_path / "t").mkdir()
+    LINKS[make](tmp_path / "fineweb_val_000000.bin", tmp_path / "t" / "fineweb_train_000001.bin")
+    with pytest.raises(tg.DataError, match=r"t/fineweb_train_000001.bin \(--train_files\) and .*fineweb_val_000000.bin "
+                                           r"\(--val_files\) hold the same data \(one file, a link or a copy\): "
+                                           "validation would score training tokens"):
+        preflight(small_run + ["--train_files", str(tmp_path / "t" / "*.bin")])
+    LINKS[make](tmp_path / "fineweb_train_000001.bin", tmp_path / "fineweb_train_000003.bin")
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin and .*fineweb_train_000003.bin \(--train_files\) "
+                                           "hold the same data .*: it would be read twice"):
+        preflight(small_run)
+
+
+def test_preflight_refuses_validation_data_without_documents(small_run, tmp_path):
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.zeros(tg.VAL_BATCH_TOKENS + 1, np.uint16))
+    with pytest.raises(tg.DataError, match=r"fineweb_val_000000.bin holds no BOS token \(50256\), so no document"):
+        preflight(small_run)
+
+
+def test_preflight_walks_the_validation_windows(small_run, tmp_path):
+    """A window of 262,144 validation tokens may hold 767 documents; documents of 300 tokens make 874."""
+    tokens = np.concatenate([document(i, 300) for i in range(7000)])
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", tokens[:tg.VAL_BATCH_TOKENS + 1])
+    message = r"fineweb_val_000000.bin: a micro-batch of 262144 tokens holds 874 documents, more than the 767"
+    with pytest.raises(tg.DataError, match=message):
+        preflight(small_run)
+    with pytest.raises(tg.DataError, match=message):  # what the first validation would meet
+        next(tg.validation_batches(small_run[3], tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
+
+
+def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_run, tmp_path):
+    """Training meets short documents at stage 1's and 2's shapes only; the compile workers and the CUDA
+    graphs' capture draw stage 3's first micro-batch from the first shard, as --profile 3 does."""
+    (tmp_path / "t").mkdir()
+    write_documents(tmp_path / "t" / "fineweb_train_000001.bin", 0, [300] * 3000 + [2000] * 2500)
+    args = small_run + ["--train_files", str(tmp_path / "t" / "*.bin"), "--num_scheduled_iterations", "18"]
+    before = tg.walk_batches(args[-3], [tg.Schedule(18, 0).stage(step) for step in range(18)], "")
+    assert before[1] > 1_000_000  # training's own draws pass
+    with pytest.raises(tg.DataError, match=r"a micro-batch of 49152 tokens holds 164 documents, more than the 127"):
+        preflight(args)
+
+
+def test_running_out_explains_that_long_documents_are_cut(small_run):
+    with pytest.raises(tg.DataError, match=r"runs out at step \d+ of 300: .*Each document is cut to the stage's "
+                                           r"sequence length, 896/2048/2048 tokens, and the rest of it dropped"):
+        preflight(small_run + ["--num_scheduled_iterations", "300"])
+
+
+def test_a_pipe_or_a_folder_is_no_shard(small_run, tmp_path):
+    os.mkfifo(tmp_path / "fineweb_train_000000.bin")  # opening it to read would wait for a writer forever
+    with pytest.raises(tg.DataError, match=r"fineweb_train_000000.bin is not a file but a pipe, socket or device. "
+                                           "Give --train_files / --val_files patterns that match shard files only"):
+        preflight(small_run)
+    with pytest.raises(tg.DataError, match=r"is not a file but a folder. Give --train_files"):
+        preflight(small_run + ["--train_files", str(tmp_path) + "/"])
 
 
 def test_validation_reads_only_the_files_it_needs(tmp_path):
@@ -431,6 +492,51 @@ def test_synthetic_write_failure_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_synthetic_refuses_to_mix_sets_and_removes_stale_partials(tmp_path, capsys):
+    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000",
+                           "--val-tokens", "1000"]) == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "1", "--seed", "1"]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path} holds 1 shard(s) this set would not replace "
+                                       "(fineweb_train_000002.bin ...): a mixture would pass for one data set. "
+                                       "Remove them, or choose another --out\n")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / ".fineweb_train_000009.bin.partial").write_bytes(b"left by a killed run")
+    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000",
+                           "--val-tokens", "1000", "--seed", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def run_synthetic(tmp_path, args, setup="pass"):
+    import subprocess
+    code = (f"import resource, sys; sys.path.insert(0, sys.argv[1]); import synthetic; {setup}; "
+            "sys.exit(synthetic.main(sys.argv[2:]))")
+    return subprocess.Popen([sys.executable, "-c", code, os.path.join(ROOT, "data"), "--out", str(tmp_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_synthetic_interrupted_is_one_line_and_changes_nothing(tmp_path, signum):
+    import signal
+    synthetic.main(["--out", str(tmp_path), "--train-shards", "1", "--shard-tokens", "1000", "--val-tokens", "1000"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    process = run_synthetic(tmp_path, ["--train-shards", "1", "--shard-tokens", "300000000", "--seed", "1"])
+    assert process.stdout.readline().startswith("generated")  # the val shard; the train shard takes seconds
+    process.send_signal(getattr(signal, signum))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == "error: interrupted: no shard was changed\n", err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_synthetic_says_how_much_memory_a_shard_needs(tmp_path):
+    process = run_synthetic(tmp_path, ["--train-shards", "1", "--shard-tokens", "2000000000", "--val-tokens", "1000"],
+                            setup="resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))")
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and err == ("error: a shard of 2,000,000,000 tokens needs about 4.0 GiB of memory, "
+                                               "more than this process may take: lower --shard-tokens / --val-tokens\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_synthetic_defaults_cover_the_record_schedule(tmp_path):
     """The default shards hold what the 1490-step schedule draws, BOS-alignment waste included,
     measured by walking a sample shard with each stage's batch and max_seq_len."""
@@ -561,6 +667,17 @@ def test_download_offline_names_a_corrupt_local_file(download, tmp_path, capsys,
         "(3024 bytes): truncated or corrupt, and HF_HUB_OFFLINE is set, so it cannot be fetched again: delete it "
         "and run this online.")
     assert calls == []
+
+
+def test_download_offline_without_local_files_leaves_no_folder(download, tmp_path, capsys, monkeypatch):
+    module, calls, _ = download
+    monkeypatch.setattr(module.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(module, "hub_records", lambda names: None)
+    assert module.main(["1", "--local-dir", str(tmp_path / "fineweb10B")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path / 'fineweb10B' / 'fineweb_val_000000.bin'} is not there, and HF_HUB_OFFLINE is set, so it "
+        "cannot be fetched: unset HF_HUB_OFFLINE and run this online.")
+    assert calls == [] and not (tmp_path / "fineweb10B").exists()
 
 
 def test_download_local_dir_that_is_a_file(download, tmp_path, capsys):

@@ -14,7 +14,9 @@ fixed table with Zipf frequencies, and phrase tokens are Zipf-distributed over t
 model learns quickly (the loss falls far below log(vocab)). The output is deterministic for a seed.
 """
 import argparse
+import glob
 import os
+import signal
 import sys
 import time
 
@@ -28,23 +30,38 @@ CHUNK_TOKENS = 1 << 23  # tokens expanded at once: bounds memory to a few hundre
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
 
 
-def write_shard(path, tokens):
-    """Write uint16 tokens with the 256-word int32 header (magic, version, count), atomically: into a
-    hidden file beside it, renamed to path once complete, so path never holds a partial shard."""
+def partial_path(path):
+    """The hidden file a shard is written into before it takes its name."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+
+
+def write_partial(path, tokens):
+    """Write uint16 tokens with the 256-word int32 header (magic, version, count) into path's partial
+    file; on failure, remove it."""
     tokens = np.asarray(tokens, dtype="<u2")
     if tokens.size > MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, not {tokens.size}")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = MAGIC, VERSION, tokens.size
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
     try:
-        with open(partial, "wb") as f:
+        with open(partial_path(path), "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.data)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    except BaseException:
+        remove_partials([path])
+        raise
+
+
+def remove_partials(paths):
+    for path in paths:
+        if os.path.exists(partial_path(path)):
+            os.remove(partial_path(path))
+
+
+def write_shard(path, tokens):
+    """Write a shard atomically: path never holds a partial one."""
+    write_partial(path, tokens)
+    os.replace(partial_path(path), path)
 
 
 def zipf_probabilities(n, exponent, offset):
@@ -131,11 +148,60 @@ def argument_problem(args):
     return None
 
 
+def stale_shards(folder, names):
+    """Shards in folder that a set of these names would not replace: with them the folder would pass
+    for one data set while mixing two."""
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "fineweb_*.bin"))
+                  if os.path.basename(p) not in names)
+
+
+MEMORY_MARGIN = 256 * 2**20  # beyond a shard's own two bytes per token: the generator's chunks
+
+
+class GenerationError(Exception):
+    """Generation cannot go on; the message says why and what to do."""
+
+
+def generate(args, paths):
+    """Write every shard as a partial file, then give them their names together: an interruption leaves
+    the folder's earlier set whole. Returns the tokens written."""
+    table = PhraseTable(args.seed)
+    total, generating = 0, 0.0
+    for index, path in enumerate(paths):  # index 0: validation
+        n = args.val_tokens if index == 0 else args.shard_tokens
+        t0 = time.perf_counter()
+        try:
+            tokens = make_shard(table, args.seed, index, n)
+        except MemoryError:
+            raise GenerationError(f"a shard of {n:,} tokens needs about {(2 * n + MEMORY_MARGIN) / 2**30:.1f} GiB "
+                             "of memory, more than this process may take: lower --shard-tokens / --val-tokens")
+        generating += time.perf_counter() - t0
+        try:
+            write_partial(path, tokens)
+        except OSError as e:
+            raise GenerationError(f"cannot write {path} ({e.strerror}): check the folder and the free disk space")
+        total += n
+        print(f"generated {path} ({n:,} tokens)", flush=True)
+    for path in paths:
+        os.replace(partial_path(path), path)
+    print(f"{total:,} tokens generated at {total / generating / 1e6:.1f}M tokens/s, all {len(paths)} shards in place")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     problem = argument_problem(args)
+    names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, args.train_shards + 1)]
+    paths = [os.path.join(args.out, name) for name in names]
     if problem is None and os.path.exists(args.out) and not os.path.isdir(args.out):
         problem = f"--out {args.out} is a file, not a folder"
+    if problem is None and os.path.isdir(args.out) and stale_shards(args.out, names):
+        stale = stale_shards(args.out, names)
+        problem = (f"{args.out} holds {len(stale)} shard(s) this set would not replace ({stale[0]} ...): a mixture "
+                   "would pass for one data set. Remove them, or choose another --out")
     if problem is None:
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -144,24 +210,20 @@ def main(argv=None):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    table = PhraseTable(args.seed)
-    jobs = [("fineweb_val_000000.bin", 0, args.val_tokens)]
-    jobs += [(f"fineweb_train_{i:06d}.bin", i, args.shard_tokens) for i in range(1, args.train_shards + 1)]
-    total, generating = 0, 0.0
-    for name, index, n in jobs:
-        t0 = time.perf_counter()
-        tokens = make_shard(table, args.seed, index, n)
-        generating += time.perf_counter() - t0
-        path = os.path.join(args.out, name)
-        try:
-            write_shard(path, tokens)
-        except OSError as e:
-            print(f"error: cannot write {path} ({e.strerror}): check the folder and the free disk space",
-                  file=sys.stderr)
-            return 1
-        total += n
-        print(f"wrote {path} ({n:,} tokens)")
-    print(f"{total:,} tokens generated at {total / generating / 1e6:.1f}M tokens/s")
+    for stale in glob.glob(os.path.join(args.out, ".fineweb_*.partial")):  # left by a run that was killed
+        os.remove(stale)
+    previous_handler = signal.signal(signal.SIGTERM, interrupted)  # kill as Ctrl-C: clean up, one line
+    try:
+        generate(args, paths)
+    except KeyboardInterrupt:
+        print("error: interrupted: no shard was changed", file=sys.stderr)
+        return 130
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        remove_partials(paths)
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

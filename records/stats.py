@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import re
+import stat
 import statistics
 import sys
 
@@ -114,6 +115,17 @@ def read_final(log_path, text):
     return int(steps), loss, int(time_ms) / 1000
 
 
+def read_log(path):
+    """The text of a run log: a regular file (a pipe would block the read)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise StatsError(f"{path} is named like a run log but is a folder, pipe or device: move it away")
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError as e:
+        raise StatsError(f"{path} cannot be read ({e.strerror})") from None
+
+
 def read_set(directory):
     if not os.path.isdir(directory):
         raise StatsError(f"{directory} is not a directory")
@@ -122,8 +134,7 @@ def read_set(directory):
         raise StatsError(f"{directory} holds {len(logs)} run log(s) (*.txt); statistics need at least 2 runs")
     texts = {}
     for path in logs:
-        with open(path, errors="replace") as f:
-            twin = texts.setdefault(f.read(), path)
+        twin = texts.setdefault(read_log(path), path)
         if twin != path:
             raise StatsError(f"{twin} and {path} are the same log: each run counts once, so remove the copy")
     runs = [read_final(path, text) for text, path in texts.items()]
@@ -171,7 +182,18 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=3.28, help="validation loss to beat (default 3.28)")
     args = parser.parse_args(argv)
     try:
+        if not math.isfinite(args.target):
+            raise StatsError(f"--target must be a number, not {args.target}")
+        folders = [os.path.realpath(d) for d in args.dirs]
+        for i, folder in enumerate(folders):
+            if folder in folders[:i]:
+                raise StatsError(f"{args.dirs[folders.index(folder)]} and {args.dirs[i]} are the same folder: "
+                                 "give each set once")
         sets = [read_set(d) for d in args.dirs]
+        for s in sets[1:]:
+            if s["steps"] != sets[0]["steps"]:
+                raise StatsError(f"{s['name']} ran {s['steps']} steps and the baseline {sets[0]['name']} "
+                                 f"{sets[0]['steps']}: compare runs of one schedule")
     except StatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -132,3 +132,37 @@ def test_long_step_counts_keep_the_columns(tmp_path, capsys):
     assert stats.main([str(tmp_path / "long")]) == 0
     header, row = capsys.readouterr().out.splitlines()[:2]
     assert row.split()[:3] == ["long", "2", "123456789"] and len(header) == len(row)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["a", "b"], r"^error: b ran 160 steps and the baseline a 1490: compare runs of one schedule$"),
+    (["a", "./a/../a/"], r"^error: a and ./a/../a/ are the same folder: give each set once$"),
+    (["a", "--target", "nan"], r"^error: --target must be a number, not nan$"),
+])
+def test_sets_that_cannot_be_compared(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write_logs("a", [(3.27, 90.0), (3.28, 91.0)])
+    write_logs("b", [(3.27, 9.0), (3.28, 9.1)], steps=160)
+    assert stats.main(args) == 1
+    assert re.match(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: os.mkdir(p), "is named like a run log but is a folder, pipe or device: move it away"),
+    (lambda p: os.mkfifo(p), "is named like a run log but is a folder, pipe or device: move it away"),
+    (lambda p: os.symlink("nowhere.txt", p), r"cannot be read \(No such file or directory\)"),
+])
+def test_things_named_like_logs_are_one_line(tmp_path, capsys, make, message):
+    write_logs(tmp_path / "s", [(3.27, 90.0), (3.28, 91.0)])
+    make(tmp_path / "s" / "b.txt")
+    assert stats.main([str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(f"b.txt {message}", err), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file: no permission error to provoke")
+def test_an_unreadable_log_is_one_line(tmp_path, capsys):
+    write_logs(tmp_path / "s", [(3.27, 90.0), (3.28, 91.0)])
+    os.chmod(tmp_path / "s" / "run1.txt", 0)
+    assert stats.main([str(tmp_path / "s")]) == 1
+    assert re.search(r"run1.txt cannot be read \(Permission denied\)", capsys.readouterr().err)
