@@ -439,7 +439,7 @@ def transposed(src, **config):
 
 
 # Fused linear + ReLU^2 (MLP up-projection), a persistent matmul with a fused epilogue; operands
-# move through TMA tensor descriptors (Hopper's bulk copy engine), faster than pointer loads (README).
+# move through TMA tensor descriptors (Hopper's bulk copy engine), faster than pointer loads (docs/performance.md).
 # Forward:  acc = x @ W^T;  post = relu(acc)^2 (from the rounded acc). Only post is stored.
 # Backward: acc = g @ W_proj^T (same shape);  dpre = acc * 2 * sqrt(post) (from the rounded acc),
 # which is 2 relu(pre) up to post's rounding: one (tokens x 3072) store less in the forward.
@@ -548,7 +548,7 @@ class ReLUSquareMLP(torch.autograd.Function):
 
 # Queries, keys and values from the QKV projection's output (T, 3 * heads * head_dim), one pass
 # each way: per-head RMS norm and rotary embedding of q and k, v copied beside them. Inductor
-# spent two or three kernels per layer on this, re-reading the projection (README).
+# spent two or three kernels per layer on this, re-reading the projection (docs/performance.md).
 # rotate: out = cos * y + sin * swap(y) with swap(y)[2i] = y[2i + 1], swap(y)[2i + 1] = -y[2i];
 # its transpose: g -> cos * g - swap(sin * g). PAIRED: heads 2g and 2g + 1 read the two halves of a
 # (T, 2 * head_dim) table. SHIFT_KEYS: the keys' second half comes from the previous token (row 0
@@ -752,7 +752,7 @@ def softcap_ce(logits, targets, mtp_weights, grad=None, grad_multiplier=1.0, fas
     n_rows, n_cols = logits.shape
     n = mtp_weights.numel()
     losses = logits.new_empty(n_rows, dtype=torch.float32)
-    # 4 warps: 3286 vs 3644 us at 8 per stage-3 micro-batch (16 and 32 were slower still; README)
+    # 4 warps: 3286 vs 3644 us at 8 per stage-3 micro-batch (16 and 32 were slower still; docs/performance.md)
     _softcap_ce_kernel[(n_rows,)](
         logits, targets, mtp_weights, losses, logits if grad is None else grad, n_rows, n_cols, logits.stride(0),
         0 if grad is None else grad.stride(0), grad_multiplier, SOFTCAP=SOFTCAP, SHIFT=SOFTCAP_SHIFT,
@@ -961,10 +961,10 @@ def reference_attention(q, k, v, cu_seqlens, window, scale):
 
 # Attention backends, fastest first. FlashAttention 4 (pip flash-attn-4, CuTe DSL kernels compiled
 # at first use) makes a stage-3 step 7% faster than PyTorch's varlen flash attention on an H200
-# (README). Both enter the compiled model through the two custom ops below, which torch.compile
-# keeps whole. Their window and softmax scale are 0-d CPU tensors read when the op runs, not
-# constants baked into the graph: one compiled graph then serves every stage's windows and every
-# YaRN scale (4 graphs to compile instead of 9). FA4_VERSION is the release measured.
+# (docs/performance.md). Both enter the compiled model through the two custom ops below, which
+# torch.compile keeps whole. Their window and softmax scale are 0-d CPU tensors read when the op
+# runs, not constants baked into the graph: one compiled graph then serves every stage's windows
+# and every YaRN scale (4 graphs to compile instead of 9). FA4_VERSION is the release measured.
 FA4_VERSION = "4.0.0b36"
 # FA4 keeps its compiled kernels on disk, as Inductor and Triton do, so a warm start skips its JIT
 # (set to 0 to opt out; read when flash_attn.cute is first imported).
@@ -1018,13 +1018,16 @@ def attention_backend(requested, device):
 
 
 def describe_attention_backend(backend):
-    """The backend with the version of the library behind it, for the log."""
+    """The backend with the versions of the libraries behind it, for the log."""
     from importlib.metadata import PackageNotFoundError, version
-    package = {"fa4": "flash-attn-4", "torch": "torch"}.get(backend)
-    try:
-        return f"{backend} ({package} {version(package)})" if package else backend
-    except PackageNotFoundError:
-        return backend
+    packages = {"fa4": ("flash-attn-4", "nvidia-cutlass-dsl"), "torch": ("torch",)}.get(backend, ())
+    versions = []
+    for package in packages:
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            pass
+    return f"{backend} ({', '.join(versions)})" if versions else backend
 
 
 @torch.library.custom_op("speedrun::attention_forward", mutates_args=())
@@ -1650,16 +1653,19 @@ class Schedule:
 # Main: torchrun (or plain python, one process) on a world size that divides 8.
 
 
-def hyperparameter(default, help):
-    return field(default=default, metadata={"help": help})
+def hyperparameter(default, help, shown_default=None):
+    """A command-line field; --help shows shown_default where the default itself would mislead."""
+    return field(default=default, metadata={"help": help, "shown_default": shown_default})
 
 
 @dataclass
 class Hyperparameters:
     train_files: str = hyperparameter(os.path.join(DATA_DIR, "fineweb10B", "fineweb_train_*.bin"),
-                                      "training shards (a glob), read in sorted order")
+                                      "training shards (a glob), read in sorted order",
+                                      "data/fineweb10B/fineweb_train_*.bin beside this script")
     val_files: str = hyperparameter(os.path.join(DATA_DIR, "fineweb10B", "fineweb_val_*.bin"),
-                                    "validation shards (a glob): the first val_tokens + 1 tokens are read")
+                                    "validation shards (a glob): the first val_tokens + 1 tokens are read",
+                                    "data/fineweb10B/fineweb_val_*.bin beside this script")
     val_tokens: int = hyperparameter(10_485_760, f"validation tokens, a multiple of {VAL_BATCH_TOKENS:,}; "
                                                  "the record's rule is 10,485,760")
     num_scheduled_iterations: int = hyperparameter(1450, "steps of the three-stage schedule (at least 3)")
@@ -1675,7 +1681,7 @@ class Hyperparameters:
     muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr)")
     muon_beta2: float = hyperparameter(0.95, "NorMuon second-moment decay of the variance reduction")
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
-    run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file (default: a fresh uuid)")
+    run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file", "a fresh uuid")
     seed: int = hyperparameter(0, "seed of the model's initialisation")
     profile: int = hyperparameter(0, "profile a few steps of this stage (1, 2 or 3) after the warm-up, print GPU "
                                       "time by kernel category, write a Chrome trace to logs/ and exit; 0: train")
@@ -1710,13 +1716,15 @@ def parse_args(argv):
     """(Hyperparameters, check): every field as --name value, and whether --check was given."""
     parser = ArgumentParser(description="Train a GPT-2-small-class model, the speedrun way. Launch with "
                             "torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                            allow_abbrev=False)
     parser.add_argument("--check", action="store_true",
                         help="check the arguments and every data file, print the plan and exit (needs no GPU)")
     for spec in fields(Hyperparameters):
         kind = {bool: parse_bool, int: int, float: float, str: str}[type(spec.default)]
         extra = dict(nargs="?", const=True) if kind is parse_bool else dict(choices=CHOICES.get(spec.name))
-        parser.add_argument(f"--{spec.name}", type=kind, default=spec.default, help=spec.metadata["help"], **extra)
+        shown = spec.metadata["shown_default"] or spec.default
+        help_text = f"{spec.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{spec.name}", type=kind, default=spec.default, help=help_text, **extra)
     args = vars(parser.parse_args(argv))
     check = args.pop("check")
     return Hyperparameters(**args), check
@@ -1836,8 +1844,9 @@ def check_distinct_files(train_files, val_files):
                 continue
             other_flag, other = seen[identity]
             if other_flag != flag:
-                raise DataError(f"{other} ({other_flag}) and {path} ({flag}) hold the same data (one file, a link or "
-                                "a copy): validation would score training tokens. Give the two patterns different data.")
+                raise DataError(f"{other} ({other_flag}) and {path} ({flag}) hold the same data (one file, a link "
+                                "or a copy): validation would score training tokens. Give the two patterns different "
+                                "data.")
             raise DataError(f"{other} and {path} ({flag}) hold the same data (one file, a link or a copy): it would be "
                             "read twice. Remove one of them.")
 

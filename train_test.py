@@ -518,6 +518,7 @@ def test_help_describes_every_flag(capsys):
     for spec in tg.fields(tg.Hyperparameters):
         assert f"--{spec.name}" in text and " ".join(spec.metadata["help"].split()) in text
     assert "--check" in text and "(default: 0.008)" in text and "(default: 1450)" in text
+    assert "(default: a fresh uuid)" in text and "(default: )" not in text and tg.DATA_DIR not in text
 
 
 @pytest.mark.parametrize("argv,world_size,message", [
@@ -609,8 +610,8 @@ def small_data(tmp_path_factory):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     import synthetic
     root = tmp_path_factory.mktemp("small_data")
-    synthetic.main(["--out", str(root), "--train-shards", "2", "--shard-tokens", "1000000",
-                    "--val-tokens", str(tg.VAL_BATCH_TOKENS + 1)])
+    synthetic.main(["--out", str(root), "--train_shards", "2", "--shard_tokens", "1000000",
+                    "--val_tokens", str(tg.VAL_BATCH_TOKENS + 1)])
     return ["--train_files", str(root / "fineweb_train_*.bin"), "--val_files", str(root / "fineweb_val_*.bin"),
             "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3",
             "--num_extension_iterations", "0"]
@@ -794,6 +795,28 @@ def test_run_sh_errors_are_one_line(small_data, tmp_path, nproc, args, message):
                          env={**os.environ, "NPROC": nproc, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith(f"error: {message}"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_constraints_pin_every_requirement_within_its_range():
+    """constraints.txt is the tested set: every package the requirement files name has a pin there,
+    and the pin satisfies the range."""
+    from packaging.requirements import Requirement
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def lines(name):
+        with open(os.path.join(root, name)) as f:
+            return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+    pins = {}
+    for line in lines("constraints.txt"):
+        name, version = line.split("==")
+        pins[name.lower().replace("_", "-")] = version
+    for name in ("requirements.txt", "requirements-test.txt"):
+        for line in lines(name):
+            if line.startswith("-r "):
+                continue
+            requirement = Requirement(line)
+            pin = pins.get(requirement.name.lower().replace("_", "-"))
+            assert pin is not None and requirement.specifier.contains(pin, prereleases=True), (name, line, pin)
 
 
 # --- GPU -----------------------------------------------------------------------------------------

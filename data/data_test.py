@@ -211,8 +211,8 @@ def test_shard_without_documents_among_good_ones(tmp_path):
 def small_run(tmp_path):
     """Two 1M-token synthetic train shards, a val shard of 2,097,153 tokens, and the arguments of a
     run on them (3 + 0 steps)."""
-    synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000000",
-                    "--val-tokens", str(tg.VAL_BATCH_TOKENS + 1)])
+    synthetic.main(["--out", str(tmp_path), "--train_shards", "2", "--shard_tokens", "1000000",
+                    "--val_tokens", str(tg.VAL_BATCH_TOKENS + 1)])
     return ["--train_files", str(tmp_path / "fineweb_train_*.bin"), "--val_files", str(tmp_path / "fineweb_val_*.bin"),
             "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3", "--num_extension_iterations", "0"]
 
@@ -442,8 +442,8 @@ def test_synthetic_tokens_are_learnable():
 
 
 def test_synthetic_cli_output_feeds_the_loader(tmp_path):
-    synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "300000",
-                    "--val-tokens", str(2 * 8 * 1024 + 1), "--seed", "3"])
+    synthetic.main(["--out", str(tmp_path), "--train_shards", "2", "--shard_tokens", "300000",
+                    "--val_tokens", str(2 * 8 * 1024 + 1), "--seed", "3"])
     gen = tg.distributed_data_generator(str(tmp_path / "fineweb_train_*.bin"), 8 * 2048, 896, 8, device="cpu")
     for _ in range(40):  # crosses into the second shard
         inputs, targets, cu = next(gen)[:3]
@@ -453,13 +453,13 @@ def test_synthetic_cli_output_feeds_the_loader(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--train-shards", "0"], "--train-shards must be at least 1, not 0"),
-    (["--train-shards", "-2"], "--train-shards must be at least 1, not -2"),
-    (["--shard-tokens", "0"], "--shard-tokens must lie between 2 and 2,147,483,647 (a shard's header counts tokens"),
-    (["--shard-tokens", "-5"], "--shard-tokens must lie between 2 and 2,147,483,647"),
-    (["--shard-tokens", str(10**12)], "--shard-tokens must lie between 2 and 2,147,483,647 (a shard's header counts "
+    (["--train_shards", "0"], "--train_shards must be at least 1, not 0"),
+    (["--train_shards", "-2"], "--train_shards must be at least 1, not -2"),
+    (["--shard_tokens", "0"], "--shard_tokens must lie between 2 and 2,147,483,647 (a shard's header counts tokens"),
+    (["--shard_tokens", "-5"], "--shard_tokens must lie between 2 and 2,147,483,647"),
+    (["--shard_tokens", str(10**12)], "--shard_tokens must lie between 2 and 2,147,483,647 (a shard's header counts "
                                       "tokens in an int32), not 1,000,000,000,000"),
-    (["--val-tokens", str(2**31)], "--val-tokens must lie between 2 and 2,147,483,647"),
+    (["--val_tokens", str(2**31)], "--val_tokens must lie between 2 and 2,147,483,647"),
     (["--seed", "-1"], "--seed must be 0 or more, not -1"),
 ])
 def test_synthetic_bad_arguments(tmp_path, capsys, args, message):
@@ -484,7 +484,7 @@ def test_synthetic_write_failure_leaves_nothing_behind(tmp_path):
     code = ("import resource, signal, sys; sys.path.insert(0, sys.argv[1]); import synthetic; "
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
-            "sys.exit(synthetic.main(['--out', sys.argv[2], '--val-tokens', '3000000', '--train-shards', '1']))")
+            "sys.exit(synthetic.main(['--out', sys.argv[2], '--val_tokens', '3000000', '--train_shards', '1']))")
     out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "data"), str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr == (f"error: cannot write {tmp_path / 'fineweb_val_000000.bin'} (File too "
@@ -492,18 +492,24 @@ def test_synthetic_write_failure_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_synthetic_takes_the_hyphenated_spellings_too():
+    parser = synthetic.build_parser()
+    assert parser.parse_args(["--train-shards", "2", "--shard-tokens", "7", "--val-tokens", "9"]) == \
+        parser.parse_args(["--train_shards", "2", "--shard_tokens", "7", "--val_tokens", "9"])
+
+
 def test_synthetic_refuses_to_mix_sets_and_removes_stale_partials(tmp_path, capsys):
-    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000",
-                           "--val-tokens", "1000"]) == 0
+    assert synthetic.main(["--out", str(tmp_path), "--train_shards", "2", "--shard_tokens", "1000",
+                           "--val_tokens", "1000"]) == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "1", "--seed", "1"]) == 1
+    assert synthetic.main(["--out", str(tmp_path), "--train_shards", "1", "--seed", "1"]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path} holds 1 shard(s) this set would not replace "
                                        "(fineweb_train_000002.bin ...): a mixture would pass for one data set. "
                                        "Remove them, or choose another --out\n")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     (tmp_path / ".fineweb_train_000009.bin.partial").write_bytes(b"left by a killed run")
-    assert synthetic.main(["--out", str(tmp_path), "--train-shards", "2", "--shard-tokens", "1000",
-                           "--val-tokens", "1000", "--seed", "1"]) == 0
+    assert synthetic.main(["--out", str(tmp_path), "--train_shards", "2", "--shard_tokens", "1000",
+                           "--val_tokens", "1000", "--seed", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
 
 
@@ -518,9 +524,9 @@ def run_synthetic(tmp_path, args, setup="pass"):
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_synthetic_interrupted_is_one_line_and_changes_nothing(tmp_path, signum):
     import signal
-    synthetic.main(["--out", str(tmp_path), "--train-shards", "1", "--shard-tokens", "1000", "--val-tokens", "1000"])
+    synthetic.main(["--out", str(tmp_path), "--train_shards", "1", "--shard_tokens", "1000", "--val_tokens", "1000"])
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    process = run_synthetic(tmp_path, ["--train-shards", "1", "--shard-tokens", "300000000", "--seed", "1"])
+    process = run_synthetic(tmp_path, ["--train_shards", "1", "--shard_tokens", "300000000", "--seed", "1"])
     assert process.stdout.readline().startswith("generated")  # the val shard; the train shard takes seconds
     process.send_signal(getattr(signal, signum))
     out, err = process.communicate(timeout=60)
@@ -529,11 +535,11 @@ def test_synthetic_interrupted_is_one_line_and_changes_nothing(tmp_path, signum)
 
 
 def test_synthetic_says_how_much_memory_a_shard_needs(tmp_path):
-    process = run_synthetic(tmp_path, ["--train-shards", "1", "--shard-tokens", "2000000000", "--val-tokens", "1000"],
+    process = run_synthetic(tmp_path, ["--train_shards", "1", "--shard_tokens", "2000000000", "--val_tokens", "1000"],
                             setup="resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))")
     out, err = process.communicate(timeout=120)
     assert process.returncode == 1 and err == ("error: a shard of 2,000,000,000 tokens needs about 4.0 GiB of memory, "
-                                               "more than this process may take: lower --shard-tokens / --val-tokens\n")
+                                               "more than this process may take: lower --shard_tokens / --val_tokens\n")
     assert os.listdir(tmp_path) == []
 
 

@@ -1,7 +1,7 @@
 """Synthetic token shards in FineWeb's format and names, for machines that cannot download FineWeb.
 
     python data/synthetic.py                       # data/synthetic: 6 x 100M train tokens + val
-    python data/synthetic.py --train-shards 3 --shard-tokens 20000000 --out /tmp/synth
+    python data/synthetic.py --train_shards 3 --shard_tokens 20000000 --out /tmp/synth
         # 60M train tokens: enough for a short run (--num_scheduled_iterations 150
         # --num_extension_iterations 10 --val_tokens 2097152), not for the full schedule
 
@@ -125,10 +125,12 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic"),
                         help="output folder (default: data/synthetic)")
-    parser.add_argument("--train-shards", type=int, default=6,
+    # underscores as train_gpt.py spells its flags; the hyphenated spellings are aliases
+    parser.add_argument("--train_shards", "--train-shards", type=int, default=6,
                         help="number of train shards (default 6: enough for the record's full 1490-step schedule)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per train shard (default 100M)")
-    parser.add_argument("--val-tokens", type=int, default=10_485_761,
+    parser.add_argument("--shard_tokens", "--shard-tokens", type=int, default=100_000_000,
+                        help="tokens per train shard (default 100M)")
+    parser.add_argument("--val_tokens", "--val-tokens", type=int, default=10_485_761,
                         help="tokens in the val shard (default 10,485,760 + 1, the record's full validation)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
@@ -137,11 +139,11 @@ def build_parser():
 def argument_problem(args):
     """None if the arguments make a usable data set, else what is wrong."""
     if args.train_shards < 1:
-        return f"--train-shards must be at least 1, not {args.train_shards}"
+        return f"--train_shards must be at least 1, not {args.train_shards}"
     for name in ("shard_tokens", "val_tokens"):
         value = getattr(args, name)
         if not 2 <= value <= MAX_SHARD_TOKENS:
-            return (f"--{name.replace('_', '-')} must lie between 2 and {MAX_SHARD_TOKENS:,} (a shard's header counts "
+            return (f"--{name} must lie between 2 and {MAX_SHARD_TOKENS:,} (a shard's header counts "
                     f"tokens in an int32), not {value:,}")
     if args.seed < 0:
         return f"--seed must be 0 or more, not {args.seed}"
@@ -174,7 +176,7 @@ def generate(args, paths):
             tokens = make_shard(table, args.seed, index, n)
         except MemoryError:
             raise GenerationError(f"a shard of {n:,} tokens needs about {(2 * n + MEMORY_MARGIN) / 2**30:.1f} GiB "
-                             "of memory, more than this process may take: lower --shard-tokens / --val-tokens")
+                             "of memory, more than this process may take: lower --shard_tokens / --val_tokens")
         generating += time.perf_counter() - t0
         try:
             write_partial(path, tokens)
