@@ -2501,6 +2501,7 @@ class Trainer:
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
 
     def first_micro_batch(self, first_step):
+        """This rank's first micro-batch at first_step's shapes, from the first shard."""
         loader = self.loader(first_step)
         batch = next(loader)
         loader.close()
@@ -2508,10 +2509,14 @@ class Trainer:
 
     def prepare_stage(self, first, optimizer):
         """Rotary and the optimizer's tied embedding as training has them at a stage's first step (the
-        untie itself is not timed), and one micro-batch at its shapes, for the measurements below."""
+        untie itself is not timed)."""
         self.set_rotary(first)
         optimizer.tied = first < self.schedule.split_step
-        return self.first_micro_batch(first)
+
+    def time_optimizer_step(self, first, optimizer):
+        """time_launch of one optimizer step, the mean of an Adam and a non-Adam step of the stage."""
+        host, gpu = time_launch(lambda: [self.optimizer_step(step, optimizer) for step in (first, first + 1)])
+        return host / 2, gpu / 2
 
     def log_launch_costs(self, log):
         """Per stage: host and GPU time of one micro-batch (a graph replay, and the eager launches it
@@ -2521,12 +2526,12 @@ class Trainer:
         log(f"{'stage':<11}{'micro-batch host, graph':>25}{'host, eager':>13}{'GPU':>9}{'optimizer host':>16}"
             f"{'GPU':>9}")
         for name, first, _ in self.schedule.stage_ranges():
-            batch = self.prepare_stage(first, self.optimizer)
+            self.prepare_stage(first, self.optimizer)
+            batch = self.first_micro_batch(first)
             replay = f"{time_launch(lambda: self.accumulate_gradients(first, [batch]))[0]:.2f}" if self.graphs else "-"
             eager = time_launch(lambda: self.accumulate_gradients(first, [batch], use_graphs=False))
-            optimizer = time_launch(lambda: [self.optimizer_step(s, self.optimizer) for s in (first, first + 1)])
-            log(f"{name:<11}{replay:>25}{eager[0]:>13.2f}{eager[1]:>9.2f}{optimizer[0] / 2:>16.2f}"
-                f"{optimizer[1] / 2:>9.2f}")
+            optimizer = self.time_optimizer_step(first, self.optimizer)
+            log(f"{name:<11}{replay:>25}{eager[0]:>13.2f}{eager[1]:>9.2f}{optimizer[0]:>16.2f}{optimizer[1]:>9.2f}")
 
     def emulate_eight_gpus(self, log, warm_steps=2, timed_steps=10):
         """What one rank of an 8-GPU run spends per step, on this GPU: one micro-batch per step, the
@@ -2539,7 +2544,8 @@ class Trainer:
             f"1/8 shard, no communication), ms; mean of {timed_steps} steps, timed as training is:")
         log(f"{'stage':<11}{'ms/step':>9}{'budget':>9}{'micro-batch GPU':>17}{'optimizer host':>16}{'GPU':>9}")
         for name, first, end in self.schedule.stage_ranges():
-            batch = self.prepare_stage(first, optimizer)
+            self.prepare_stage(first, optimizer)
+            batch = self.first_micro_batch(first)
             steps = [first + i % (end - first) for i in range(warm_steps + timed_steps)]
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(timed_steps)]
@@ -2556,9 +2562,9 @@ class Trainer:
             torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / timed_steps
             micro = sum(a.elapsed_time(b) for a, b in events) / timed_steps
-            opt = time_launch(lambda: [self.optimizer_step(s, optimizer) for s in (first, first + 1)])
-            budget = micro + opt[1] / 2 + 1
-            log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt[0] / 2:>16.2f}{opt[1] / 2:>9.2f}")
+            opt_host, opt_gpu = self.time_optimizer_step(first, optimizer)
+            budget = micro + opt_gpu + 1
+            log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt_host:>16.2f}{opt_gpu:>9.2f}")
 
     def train(self, log, launch_time):
         self.warmup(log, launch_time)
