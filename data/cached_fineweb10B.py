@@ -17,8 +17,7 @@ import tempfile
 from huggingface_hub import HfApi, constants, hf_hub_download
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_gpt import shard_problem  # noqa: E402
+from shard_format import shard_problem  # beside this script: Python puts its folder on the path
 
 REPO_ID = "kjj0/fineweb10B-gpt2"
 LOCAL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fineweb10B")

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "data"))
 
+import shard_format  # noqa: E402
 import synthetic  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
@@ -346,6 +347,27 @@ def test_validation_reads_only_the_files_it_needs(tmp_path):
     assert len(list(tg.validation_batches(pattern, 8 * 1024, 1024, 8, device="cpu"))) == 8
     with pytest.raises(tg.DataError, match=r"fineweb_val_000001.bin is too short to be a token shard \(11 bytes"):
         tg.validation_files(pattern, 16 * 1024)
+
+
+def test_the_data_scripts_read_shards_as_train_gpt_does(tmp_path):
+    """data/shard_format.py (torch-free, for the data scripts) and train_gpt.py's own reader agree on
+    every constant and on the verdict for good and broken files."""
+    for name in ("SHARD_MAGIC", "SHARD_VERSION", "HEADER_WORDS", "HEADER_BYTES", "BOS_ID", "GPT2_VOCAB_SIZE"):
+        assert getattr(shard_format, name) == getattr(tg, name), name
+    synthetic.write_shard(tmp_path / "good.bin", np.arange(1000, dtype=np.uint16))
+    raw = (tmp_path / "good.bin").read_bytes()
+    header = np.frombuffer(raw[:tg.HEADER_BYTES], dtype="<i4").copy()
+    broken = {"truncated.bin": raw[:-2], "short.bin": raw[:101], "empty.bin": b"",
+              "magic.bin": np.concatenate([[7], header[1:]]).astype("<i4").tobytes() + raw[tg.HEADER_BYTES:],
+              "version.bin": np.concatenate([header[:1], [2], header[2:]]).astype("<i4").tobytes() + raw[tg.HEADER_BYTES:]}
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+    os.mkdir(tmp_path / "folder.bin")
+    os.mkfifo(tmp_path / "pipe.bin")
+    os.symlink("nowhere", tmp_path / "dangling.bin")
+    verdicts = {p.name: tg.shard_problem(str(p)) for p in tmp_path.iterdir()}
+    assert verdicts == {p.name: shard_format.shard_problem(str(p)) for p in tmp_path.iterdir()}
+    assert verdicts["good.bin"] is None and all(v for name, v in verdicts.items() if name != "good.bin"), verdicts
 
 
 def test_shard_round_trip(tmp_path):

@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-MAGIC, VERSION, HEADER_WORDS = 20240520, 1, 256
-BOS_ID, GPT2_VOCAB = 50256, 50257
+from shard_format import BOS_ID, GPT2_VOCAB_SIZE, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION  # beside this script
+
 NUM_PHRASES, MIN_PHRASE, MAX_PHRASE = 32768, 2, 12
 DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 400, 1.0, 32, 32768
 CHUNK_TOKENS = 1 << 23  # tokens expanded at once: bounds memory to a few hundred MB
@@ -42,7 +42,7 @@ def write_partial(path, tokens):
     if tokens.size > MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, not {tokens.size}")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     try:
         with open(partial_path(path), "wb") as f:
             f.write(header.tobytes())
@@ -74,7 +74,7 @@ class PhraseTable:
 
     def __init__(self, seed):
         rng = np.random.default_rng([seed, 0])
-        non_bos = np.delete(np.arange(GPT2_VOCAB), BOS_ID)
+        non_bos = np.delete(np.arange(GPT2_VOCAB_SIZE), BOS_ID)
         token_of_rank = rng.permutation(non_bos).astype(np.uint16)
         self.lengths = rng.integers(MIN_PHRASE, MAX_PHRASE + 1, NUM_PHRASES)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
