@@ -221,14 +221,9 @@ MTP_WEIGHTS = [[1.0], [1.0, 0.5], [1.0, 0.5, 0.25]]
 
 
 def reference_mtp_losses(logits, targets, weights):
-    z = tg.SOFTCAP * torch.sigmoid((logits.double() + tg.SOFTCAP_SHIFT) / tg.SOFTCAP_DIVISOR)
-    lse = torch.logsumexp(z, dim=-1)
-    rows = logits.size(0)
-    losses = torch.zeros(rows, dtype=torch.float64, device=logits.device)
-    for k, w in enumerate(weights):
-        n = rows - k  # the last rows have no target k positions ahead
-        losses[:n] += w * (lse[:n] - z[torch.arange(n, device=logits.device), targets[k:k + n]])
-    return losses
+    """train_gpt's plain PyTorch losses, in fp64."""
+    weights = torch.tensor(weights, dtype=torch.float64, device=logits.device)
+    return tg.reference_mtp_losses(logits.double(), targets, weights)
 
 
 def random_logits_and_targets(rows, vocab, distinct_targets=None):
@@ -383,7 +378,7 @@ def test_kernels_inside_compile():
         assert rel_err(c_grad, grad) < 0.1
 
 
-# --- benchmark -----------------------------------------------------------------------------------
+# --- benchmark: `python kernels_test.py --bench [--sweep]` on a GPU; timings, not tests ---------------
 
 def _median_us(fn):
     from triton.testing import do_bench

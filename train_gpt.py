@@ -870,6 +870,7 @@ VALUE_EMBED_LAYERS = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}  # layer -> value-embedding
 NUM_LAYERS, NUM_VALUE_EMBEDS, GATE_DIM = 11, 5, 12
 # scalars: an (attention in, attention out) lambda pair per layer, then these three
 SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
+NUM_SCALARS = SKIP_LAMBDA + 1  # the parameter is padded to a multiple of the world size
 
 
 def norm(x):
@@ -1113,11 +1114,14 @@ def mlp(x, c_fc, c_proj):
 
 
 def softcap(logits):
-    return SOFTCAP * torch.sigmoid((logits.float() + SOFTCAP_SHIFT) / SOFTCAP_DIVISOR)
+    """SOFTCAP * sigmoid((logits + SHIFT) / DIVISOR) in fp32, or in fp64 for fp64 logits (the tests')."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return SOFTCAP * torch.sigmoid((logits + SOFTCAP_SHIFT) / SOFTCAP_DIVISOR)
 
 
 def reference_mtp_losses(logits, targets, mtp_weights):
-    """Per-row softcapped multi-token losses in fp32: sum_k w_k (lse(z_r) - z_r[target[r + k]])."""
+    """Per-row softcapped multi-token losses in fp32 (fp64 for fp64 logits):
+    sum_k w_k (lse(z_r) - z_r[target[r + k]])."""
     z = softcap(logits)
     lse = torch.logsumexp(z, dim=-1)
     losses = torch.zeros_like(lse)
@@ -1181,7 +1185,7 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_initialized() else 1
-        scalars = torch.ones(2 * NUM_LAYERS + 3 + (-(2 * NUM_LAYERS + 3)) % world_size, **f32)
+        scalars = torch.ones(NUM_SCALARS + (-NUM_SCALARS) % world_size, **f32)
         scalars[:2 * NUM_LAYERS:2] = 0.5
         scalars[SMEAR_LAMBDA], scalars[BACKOUT_LAMBDA], scalars[SKIP_LAMBDA] = 0.0, 0.5, -1.5
         self.scalars = nn.Parameter(scalars)
