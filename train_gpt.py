@@ -2621,6 +2621,7 @@ def main(argv=None):
     check_arguments(hp, world_size)
     if check:  # a GPU run learns it from attention_backend, after the GPU is chosen (no import before that)
         check_fa4_installed(hp.attention)
+    drawn_run_id = not hp.run_id
     hp.run_id = hp.run_id or str(uuid.uuid4())
     check_outputs(hp, world_size)
     t0 = time.perf_counter()
@@ -2648,6 +2649,10 @@ def main(argv=None):
     torch.cuda.set_device(device)
     if world_size > 1:
         dist.init_process_group("nccl", device_id=device)
+        if drawn_run_id:  # every rank drew its own: all take rank 0's, which names the log
+            run_ids = [hp.run_id]
+            dist.broadcast_object_list(run_ids, src=0)
+            hp.run_id = run_ids[0]
     log = Logger(hp.run_id, rank == 0)
     log.header()
     log(f"world size {world_size}, gradient accumulation {grad_accum}, {hp}")
