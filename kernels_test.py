@@ -317,7 +317,7 @@ def reference_polar_express(grad, momentum_buffer, momentum, compute_dtype, math
     buf = momentum_buffer.float().lerp(grad.float(), 1 - momentum)
     g = grad.float().lerp(buf, momentum)
     X = g.to(compute_dtype).to(math_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * tg.NORM_MARGIN + tg.NORM_EPS)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT

@@ -806,6 +806,10 @@ POLAR_EXPRESS_COEFFS = (
 
 
 GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
+# X / (1.02 ||X||_F + 1e-6) puts every singular value below 1, where the iteration converges (Polar
+# Express, Amsel et al. 2025, normalises by the Frobenius norm; 2% is the record's margin for bf16).
+NORM_MARGIN, NORM_EPS = 1.02, 1e-6
+MATMUL_ADD_MIN_ROWS = 1024  # from here a matmul plus an in-place add beats baddbmm's defensive copy
 
 
 def gram(X, out, tall):
@@ -833,7 +837,7 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
     momentum_buffer.lerp_(grad, 1 - momentum)
     grad = grad.lerp_(momentum_buffer, momentum)
     X = grad.to(compute_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
     tall = X.size(-2) > X.size(-1)
     size = X.size(-1) if tall else X.size(-2)
     A = X.new_empty(X.size(0), size, size)
@@ -843,8 +847,7 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
         polar_step_matrix(A, B, b, c)
         if not tall:
             X = torch.baddbmm(X, B, X, beta=a)
-        elif X.size(-2) > 1024:
-            # A plain matmul plus an in-place add avoids the defensive copy baddbmm makes here.
+        elif X.size(-2) > MATMUL_ADD_MIN_ROWS:
             X = torch.bmm(X, B).add_(X, alpha=a)
         else:
             X = torch.baddbmm(X, X, B, beta=a)
@@ -871,6 +874,7 @@ NUM_LAYERS, NUM_VALUE_EMBEDS, GATE_DIM = 11, 5, 12
 # scalars: an (attention in, attention out) lambda pair per layer, then these three
 SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
 NUM_SCALARS = SKIP_LAMBDA + 1  # the parameter is padded to a multiple of the world size
+WINDOW_BLOCK = 128  # attention windows are counted in blocks of this many tokens (Stage.windows)
 
 
 def norm(x):
@@ -884,6 +888,13 @@ def rotate(x, cos, sin):
     return x * cos + swapped * sin
 
 
+ROTARY_MIN_FREQUENCY = 1 / 1024  # per position; the fastest is 1, the others spaced geometrically
+ATTN_SCALE = 0.1  # softmax scale of q k^T before YaRN (q and k are RMS-normed)
+# YaRN: frequencies turning less than YARN_FULL times over the old window are stretched fully, more
+# than YARN_NONE times not at all; the scale grows by YARN_SCALE_SLOPE * log(new / old window) + 1
+YARN_FULL, YARN_NONE, YARN_SCALE_SLOPE = 1, 32, 0.2
+
+
 class Rotary:
     """Half-truncated RoPE (head_dim / 4 frequencies, each on two dims; the other half of the dims
     is stationary) with YaRN stretching, over positions of the packed micro-batch.
@@ -893,7 +904,8 @@ class Rotary:
 
     def __init__(self, head_dim, max_len, device):
         self.head_dim, self.max_len = head_dim, max_len
-        self.base_freqs = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float32, device=device)
+        self.base_freqs = ROTARY_MIN_FREQUENCY ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float32,
+                                                                 device=device)
         shape = (max_len, 1, head_dim)
         self.cos, self.sin = (torch.empty(shape, dtype=torch.bfloat16, device=device) for _ in range(2))
         self.paired_cos, self.paired_sin = (torch.empty((max_len, 1, 2 * head_dim), dtype=torch.bfloat16,
@@ -903,7 +915,7 @@ class Rotary:
 
     def reset(self):
         self.freqs = torch.cat([self.base_freqs.repeat_interleave(2), self.base_freqs.new_zeros(self.head_dim // 2)])
-        self.attn_scale.fill_(0.1)
+        self.attn_scale.fill_(ATTN_SCALE)
         self._build()
 
     def _build(self):
@@ -919,10 +931,9 @@ class Rotary:
         """Stretch the slow frequencies for a long window growing from old_window to new_window tokens."""
         rotations = old_window * self.freqs / (2 * math.pi)
         scale = old_window / new_window
-        # frequencies turning < 1 time over the old window are stretched fully, > 32 times not at all
-        ramp = ((rotations - 1) / (32 - 1)).clamp(0, 1)
+        ramp = ((rotations - YARN_FULL) / (YARN_NONE - YARN_FULL)).clamp(0, 1)
         self.freqs = self.freqs * (scale + ramp * (1 - scale))
-        self.attn_scale.mul_(0.2 * math.log(new_window / old_window) + 1)  # in place, as the tables
+        self.attn_scale.mul_(YARN_SCALE_SLOPE * math.log(new_window / old_window) + 1)  # in place, as the tables
         self._build()
 
 
@@ -1102,8 +1113,8 @@ def attention(q, k, v, cu_seqlens, max_seq_len, window, scale, backend):
 
 
 def window_tensor(windows):
-    """The model's windows argument: (short, long) in 128-token blocks as an int32 CPU tensor of tokens."""
-    return torch.tensor([128 * w for w in windows], dtype=torch.int32)
+    """The model's windows argument: (short, long) in WINDOW_BLOCKs as an int32 CPU tensor of tokens."""
+    return torch.tensor([WINDOW_BLOCK * w for w in windows], dtype=torch.int32)
 
 
 def mlp(x, c_fc, c_proj):
@@ -1582,7 +1593,7 @@ class NorMuonAdam:
 class Stage:
     batch_tokens: int  # global, per step
     max_seq_len: int
-    windows: tuple  # (short, long) attention windows in 128-token blocks
+    windows: tuple  # (short, long) attention windows in WINDOW_BLOCKs
     lr_mul: float
     mtp_start: tuple  # multi-token prediction weights at the stage's first step ...
     mtp_end: tuple  # ... and at its (exclusive) end
@@ -1601,6 +1612,7 @@ VAL_LOCAL_TOKENS = VAL_BATCH_TOKENS // SLOTS_PER_STEP
 LOSS_SCALE = 1 / SLOTS_PER_STEP  # 1/grad_accum, with the 1/world of the average folded in
 COOLDOWN_START_FRAC, COOLDOWN_END_MULTIPLIER = 0.4, 0.15
 MOMENTUM_WARMUP_STEPS, MOMENTUM_COOLDOWN_STEPS = 300, 50
+MOMENTUM_MIN, MOMENTUM_RISE = 0.85, 0.10  # NorMuon's: up by RISE over the warm-up, back over the cooldown
 
 
 class Schedule:
@@ -1638,9 +1650,9 @@ class Schedule:
         return self.stage(step).lr_mul * (1 - t) + COOLDOWN_END_MULTIPLIER * t
 
     def momentum(self, step):
-        warm = 0.85 + 0.10 * min(1.0, step / MOMENTUM_WARMUP_STEPS)
+        warm = MOMENTUM_MIN + MOMENTUM_RISE * min(1.0, step / MOMENTUM_WARMUP_STEPS)
         cool_start = self.total - MOMENTUM_COOLDOWN_STEPS
-        return warm - 0.10 * max(0.0, (step - cool_start) / MOMENTUM_COOLDOWN_STEPS)
+        return warm - MOMENTUM_RISE * max(0.0, (step - cool_start) / MOMENTUM_COOLDOWN_STEPS)
 
     def adam_step(self, step):
         """Adam updates on odd steps; the split step is always one."""
@@ -1793,9 +1805,9 @@ def launch_environment():
 
 
 def check_world_size(world_size):
-    if world_size < 1 or 8 % world_size:
+    if world_size < 1 or SLOTS_PER_STEP % world_size:
         raise UsageError(f"world size {world_size} does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8")
-    return 8 // world_size
+    return SLOTS_PER_STEP // world_size
 
 
 def log_path(run_id):
@@ -1919,11 +1931,13 @@ def preflight(hp, world_size):
     shards, drawn = walk_batches(hp.train_files, [schedule.stage(step) for step in range(schedule.total)], "")
     for what, stages in other_draws(hp, schedule):
         walk_batches(hp.train_files, stages, what)
-    lines = [f"plan: {schedule.total} steps, world size {world_size} (gradient accumulation {8 // world_size})"]
+    lines = [f"plan: {schedule.total} steps, world size {world_size} "
+             f"(gradient accumulation {SLOTS_PER_STEP // world_size})"]
     for name, first, end in schedule.stage_ranges():
         stage = schedule.stage(first)
+        short, long = (WINDOW_BLOCK * blocks for blocks in stage.windows)
         lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
-                     f"{stage.max_seq_len}, windows {128 * stage.windows[0]}/{128 * stage.windows[1]}")
+                     f"{stage.max_seq_len}, windows {short}/{long}")
     lines.append(f"  train: {shards} of the {len(train_files)} shard(s) of {hp.train_files!r}, "
                  f"{drawn:,} tokens drawn (a shard's tail that cannot hold a whole step is skipped)")
     lines.append(f"  val: {hp.val_tokens:,} + 1 tokens from {len(val_files)} shard(s) of {hp.val_files!r}")
@@ -2347,7 +2361,7 @@ class Trainer:
         if step > 0:
             old, new = self.schedule.stage(step - 1).windows[1], self.schedule.stage(step).windows[1]
             if new != old:
-                self.model.rotary.yarn(128 * old, 128 * new)
+                self.model.rotary.yarn(WINDOW_BLOCK * old, WINDOW_BLOCK * new)
 
     def set_rotary(self, step):
         """The rotary tables and attention scale as training has them at step."""

@@ -182,7 +182,7 @@ def reference_normuon(p, grad, momentum, lr, lr_mul, weight_decay, beta2, c_proj
     p, grad = p.double(), grad.double()
     buf = (1 - momentum) * grad
     g = grad + momentum * (buf - grad)
-    X = g / (g.norm() * 1.02 + 1e-6)
+    X = g / (g.norm() * tg.NORM_MARGIN + tg.NORM_EPS)
     tall = X.size(0) > X.size(1)
     X = X.T if tall else X
     for a, b, c in tg.POLAR_EXPRESS_COEFFS:
