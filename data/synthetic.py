@@ -166,7 +166,7 @@ class GenerationError(Exception):
 
 def generate(args, paths):
     """Write every shard as a partial file, then give them their names together: an interruption leaves
-    the folder's earlier set whole. Returns the tokens written."""
+    the folder's earlier set whole."""
     table = PhraseTable(args.seed)
     total, generating = 0, 0.0
     for index, path in enumerate(paths):  # index 0: validation
@@ -176,7 +176,7 @@ def generate(args, paths):
             tokens = make_shard(table, args.seed, index, n)
         except MemoryError:
             raise GenerationError(f"a shard of {n:,} tokens needs about {(2 * n + MEMORY_MARGIN) / 2**30:.1f} GiB "
-                             "of memory, more than this process may take: lower --shard_tokens / --val_tokens")
+                                  "of memory, more than this process may take: lower --shard_tokens / --val_tokens")
         generating += time.perf_counter() - t0
         try:
             write_partial(path, tokens)
@@ -200,8 +200,8 @@ def main(argv=None):
     paths = [os.path.join(args.out, name) for name in names]
     if problem is None and os.path.exists(args.out) and not os.path.isdir(args.out):
         problem = f"--out {args.out} is a file, not a folder"
-    if problem is None and os.path.isdir(args.out) and stale_shards(args.out, names):
-        stale = stale_shards(args.out, names)
+    stale = stale_shards(args.out, names) if problem is None and os.path.isdir(args.out) else []
+    if stale:
         problem = (f"{args.out} holds {len(stale)} shard(s) this set would not replace ({stale[0]} ...): a mixture "
                    "would pass for one data set. Remove them, or choose another --out")
     if problem is None:
