@@ -1002,31 +1002,31 @@ def choose_attention_backend(requested, capability, fa4_importable):
     return requested
 
 
+def fa4_importable():
+    try:
+        import flash_attn.cute.interface  # noqa: F401  (CuTe DSL: a few seconds to import)
+    except ImportError:
+        return False
+    return True
+
+
 def check_fa4_installed(requested):
     """--attention fa4 where FlashAttention 4 cannot be imported: known before any GPU work."""
-    if requested != "fa4":
-        return
     try:
-        import flash_attn.cute.interface  # noqa: F401
-    except ImportError:
-        raise UsageError(f"--attention fa4 needs {ATTENTION_INSTALL['fa4']}, and it does not import here: install "
-                         "it, or use --attention auto") from None
+        missing = requested == "fa4" and not fa4_importable()
     except Exception:  # installed, but its import needs something only the GPU run will show
-        pass
+        return
+    if missing:
+        raise UsageError(f"--attention fa4 needs {ATTENTION_INSTALL['fa4']}, and it does not import here: install "
+                         "it, or use --attention auto")
 
 
 def attention_backend(requested, device):
     """choose_attention_backend for this machine: the GPU of device, and whether FA4 imports."""
     device = torch.device(device)
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    fa4_importable = False
-    if capability is not None and requested in ("auto", "fa4"):
-        try:
-            import flash_attn.cute.interface  # noqa: F401  (CuTe DSL: a few seconds to import)
-            fa4_importable = True
-        except ImportError:
-            pass
-    return choose_attention_backend(requested, capability, fa4_importable)
+    importable = capability is not None and requested in ("auto", "fa4") and fa4_importable()
+    return choose_attention_backend(requested, capability, importable)
 
 
 def describe_attention_backend(backend):
