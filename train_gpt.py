@@ -182,8 +182,17 @@ class ShardReader:
         self.pattern = pattern
         self.files = shard_files(pattern)
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-        self.next_index = 0
-        self.next_load = self.pool.submit(load_shard, self.files[0])
+        self.next_index, self.next_load = 0, None
+        self.rewind()
+
+    def rewind(self):
+        """Back to the first document of the first shard, loaded again only if the reader has left it."""
+        if self.next_index == 1:
+            self.cursor = 0
+            return
+        if self.next_load is not None:
+            self.next_load.cancel()
+        self.next_index, self.next_load = 0, self.pool.submit(load_shard, self.files[0])
         self.advance()
 
     def advance(self):
@@ -1882,27 +1891,25 @@ def check_validation_data(files, val_tokens):
         check_doc_count(documents, VAL_LOCAL_TOKENS, files[np.searchsorted(file_ends, start, side="right")])
 
 
-def walk_batches(pattern, stages, what):
+def walk_batches(reader, stages, what):
     """Draw the batches of these steps (a Stage each) from the first shard on, as the loader will, and
     check every micro-batch's documents. Returns (shards opened, tokens drawn)."""
-    reader, drawn = ShardReader(pattern), 0
-    try:
-        for step, stage in enumerate(stages):
-            local_tokens = stage.batch_tokens // SLOTS_PER_STEP
-            try:
-                slots = reader.next_step(local_tokens, stage.max_seq_len)
-            except OutOfTrainingData:
-                tokens = sum(shard_tokens(path) for path in reader.files)
-                raise DataError(f"{pattern!r} runs out at step {step} of {len(stages)}{what}: its {len(reader.files)} "
-                                f"shard(s) hold {tokens:,} tokens. Add shards ({FETCH_HINT}), or shorten the schedule. "
-                                "(Each document is cut to the stage's sequence length, "
-                                f"{'/'.join(str(s.max_seq_len) for s in STAGES)} tokens, and the rest of it dropped: "
-                                "long documents use the data up faster.)") from None
-            for segments in slots:
-                check_doc_count(len(segments), local_tokens, reader.path)  # as micro_batch will
-            drawn += stage.batch_tokens + SLOTS_PER_STEP
-    finally:
-        reader.close()
+    reader.rewind()
+    drawn = 0
+    for step, stage in enumerate(stages):
+        local_tokens = stage.batch_tokens // SLOTS_PER_STEP
+        try:
+            slots = reader.next_step(local_tokens, stage.max_seq_len)
+        except OutOfTrainingData:
+            tokens = sum(shard_tokens(path) for path in reader.files)
+            raise DataError(f"{reader.pattern!r} runs out at step {step} of {len(stages)}{what}: its "
+                            f"{len(reader.files)} shard(s) hold {tokens:,} tokens. Add shards ({FETCH_HINT}), or "
+                            "shorten the schedule. (Each document is cut to the stage's sequence length, "
+                            f"{'/'.join(str(s.max_seq_len) for s in STAGES)} tokens, and the rest of it dropped: "
+                            "long documents use the data up faster.)") from None
+        for segments in slots:
+            check_doc_count(len(segments), local_tokens, reader.path)  # as micro_batch will
+        drawn += stage.batch_tokens + SLOTS_PER_STEP
     return reader.next_index, drawn
 
 
@@ -1928,9 +1935,13 @@ def preflight(hp, world_size):
         check_shard(path)
     check_distinct_files(train_files, val_files)
     check_validation_data(val_files, hp.val_tokens)
-    shards, drawn = walk_batches(hp.train_files, [schedule.stage(step) for step in range(schedule.total)], "")
-    for what, stages in other_draws(hp, schedule):
-        walk_batches(hp.train_files, stages, what)
+    reader = ShardReader(hp.train_files)  # one reader for every draw: the first shard is read once more at most
+    try:
+        shards, drawn = walk_batches(reader, [schedule.stage(step) for step in range(schedule.total)], "")
+        for what, stages in other_draws(hp, schedule):
+            walk_batches(reader, stages, what)
+    finally:
+        reader.close()
     lines = [f"plan: {schedule.total} steps, world size {world_size} "
              f"(gradient accumulation {SLOTS_PER_STEP // world_size})"]
     for name, first, end in schedule.stage_ranges():

@@ -130,6 +130,21 @@ def test_stage_change_only_at_step_end(shards):
         gen.send((8 * 1024, 256, 4))
 
 
+def test_rewind_draws_again_what_a_fresh_reader_draws(shards):
+    """Within the first shard and after leaving it: the pre-flight walks every draw with one reader."""
+    fresh = tg.ShardReader(shards)
+    first = fresh.next_step(64, 512)
+    fresh.close()
+    reader = tg.ShardReader(shards)
+    for steps in (1, 60):  # 60 steps of 8 x 65 tokens leave the first shard (300 documents, lengths 20-600)
+        for _ in range(steps):
+            reader.next_step(64, 512)
+        assert (reader.path != reader.files[0]) == (steps == 60)
+        reader.rewind()
+        assert reader.path == reader.files[0] and reader.next_step(64, 512) == first, steps
+    reader.close()
+
+
 def test_runs_out_of_training_data(shards):
     gen = tg.distributed_data_generator(shards, 8 * 4096, 2048, 8, device="cpu")
     with pytest.raises(tg.DataError, match=r"Ran out of training data.*fineweb_train_000002.bin.*cached_fineweb10B"):
@@ -318,7 +333,9 @@ def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_ru
     (tmp_path / "t").mkdir()
     write_documents(tmp_path / "t" / "fineweb_train_000001.bin", 0, [300] * 3000 + [2000] * 2500)
     args = small_run + ["--train_files", str(tmp_path / "t" / "*.bin"), "--num_scheduled_iterations", "18"]
-    before = tg.walk_batches(args[-3], [tg.Schedule(18, 0).stage(step) for step in range(18)], "")
+    reader = tg.ShardReader(args[-3])
+    before = tg.walk_batches(reader, [tg.Schedule(18, 0).stage(step) for step in range(18)], "")
+    reader.close()
     assert before[1] > 1_000_000  # training's own draws pass
     with pytest.raises(tg.DataError, match=r"a micro-batch of 49152 tokens holds 164 documents, more than the 127"):
         preflight(args)
