@@ -213,6 +213,60 @@ def test_qkv_heads(tokens, heads, head_dim, paired, shift_keys):
     assert rel_err(qkv.grad, qkv64.grad) < TOL
 
 
+# --- embedding gradients: only the touched rows -----------------------------------------------------
+
+# tokens, table rows, dim: a stage-3 micro-batch on the token / value tables and the bigram table
+EMBED_SHAPES = gpu_or_cpu([(49152, 50304, 768), (49152, 251520, 768), (16384, 50304, 768)],
+                          [(300, 50, 40), (1000, 3000, 24), (70, 7, 33)])
+# the interpreter: several chunks and tails at small shapes
+EMBED_CONFIG = gpu_or_cpu(dict(chunk=tg.EMBED_CHUNK, tail=tg.EMBED_TAIL), dict(chunk=16, tail=32))
+
+
+def skewed_rows(tokens, rows):
+    """Row indices as text has them: a few frequent rows (runs over several chunks), many rare ones.
+    Row 1 takes a stretch of exactly one chunk and three tails."""
+    indices = (torch.rand(tokens, device=DEVICE) ** 4 * rows).long()
+    indices[:EMBED_CONFIG["chunk"] + 3 * EMBED_CONFIG["tail"]] = 1
+    return indices[torch.randperm(tokens, device=DEVICE)].int()
+
+
+def reference_embedding_grad(table_grad, indices, grad):
+    """table_grad + the per-row sums of grad, summed in fp64 and rounded to the table's dtype first."""
+    sums = torch.zeros_like(table_grad, dtype=torch.float64).index_add_(0, indices.long(), grad.double())
+    return table_grad.double() + sums.to(table_grad.dtype).double()
+
+
+@pytest.mark.parametrize("tokens,rows,dim", EMBED_SHAPES)
+def test_add_embedding_grad(tokens, rows, dim):
+    indices = skewed_rows(tokens, rows)
+    grad = randn(tokens, dim)
+    table_grad = randn(rows, dim)
+    ref = reference_embedding_grad(table_grad, indices, grad)
+    untouched = torch.ones(rows, dtype=torch.bool, device=DEVICE).index_fill_(0, indices.long(), False)
+    out = tg.add_embedding_grad(grad, *torch.sort(indices), table_grad.clone(), **EMBED_CONFIG)
+    assert torch.equal(out[untouched], table_grad[untouched])
+    assert rel_err(out[~untouched] - table_grad[~untouched], ref[~untouched] - table_grad[~untouched]) < TOL
+
+
+def test_embedding_rows_autograd():
+    """Forward: the rows of each stacked table; backward: into .grad, made on the first call and
+    added to after."""
+    tokens, rows, dim = gpu_or_cpu((4096, 1000, 768), (100, 30, 16))
+    indices = skewed_rows(tokens, rows)
+    token_table = randn(rows, dim).requires_grad_()
+    stacked_tables = randn(3 * rows, dim).requires_grad_()
+    dense = [t.detach().double().requires_grad_() for t in (token_table, stacked_tables)]
+    for _ in range(2):
+        outs = tg.EmbeddingRows.apply(indices, rows, token_table, stacked_tables)
+        refs = [table[indices.long()] for param in dense for table in param.split(rows)]
+        assert len(outs) == 4 and all(torch.equal(o.double(), r.detach()) for o, r in zip(outs, refs))
+        grads = [randn(tokens, dim) for _ in outs]
+        torch.autograd.backward(outs, grads)
+        torch.autograd.backward(refs, [g.double() for g in grads])
+    for table, ref in zip((token_table, stacked_tables), dense):
+        assert rel_err(table.grad, ref.grad) < TOL
+
+
 # --- softcapped multi-token cross-entropy --------------------------------------------------------
 
 VOCAB = 50304 if GPU else 300

@@ -7,6 +7,7 @@ nothing, so tests can import its pieces.
 import argparse
 import collections
 import concurrent.futures
+import functools
 import glob
 import hashlib
 import math
@@ -803,6 +804,105 @@ class FP8SoftcapMTPLoss(torch.autograd.Function):
         return grad_x, grad_w.to(ctx.w_dtype), None, None
 
 
+# Embedding gradients, only the rows a micro-batch touched. A dense backward zero-fills an fp32
+# copy of each table, scatters into it, rounds it and adds it to .grad: several GB of traffic per
+# micro-batch for the token, value and bigram tables (0.85 GB in bf16), of which a stage-3
+# micro-batch touches at most 49,152 rows (-7.6 ms per stage-3 step, docs/performance.md).
+# Here the tokens are sorted by row, so each row's tokens form a run; a program takes EMBED_CHUNK
+# consecutive sorted tokens, sums every run inside them with one 0/1 matmul, and the program
+# holding a run's first token writes it: the sum in fp32, rounded to the table's dtype, added to
+# the gradient row (the rounding of the dense backward followed by .grad +=). No atomics: the
+# result is deterministic. A run longer than the chunk (a frequent token) is finished by its
+# first program, EMBED_TAIL tokens at a time.
+
+
+@triton.jit
+def _embedding_grad_kernel(grad_ptr, order_ptr, sorted_ptr, table_grad_ptr, T, D, grad_stride, table_stride,
+                           CHUNK: tl.constexpr, TAIL: tl.constexpr, BLOCK_D: tl.constexpr):
+    pos = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_cols = cols < D
+    valid = pos < T
+    rows = tl.load(sorted_ptr + pos, mask=valid, other=-1)
+    first = valid & (rows != tl.load(sorted_ptr + pos - 1, mask=valid & (pos > 0), other=-1))
+    tokens = tl.load(order_ptr + pos, mask=valid, other=0).to(tl.int64)
+    grad = tl.load(grad_ptr + tokens[:, None] * grad_stride + cols[None, :],
+                   mask=valid[:, None] & in_cols[None, :], other=0.0)
+    same_run = (rows[:, None] == rows[None, :]) & valid[None, :]
+    run_sums = tl.dot(same_run.to(grad.dtype), grad, input_precision="ieee")  # exact products, fp32 sums
+    # the chunk's last run may go on: if it starts here, sum the rest of it
+    last_row = tl.max(rows)
+    rest = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = tl.program_id(0) * CHUNK + CHUNK
+    more = (tl.sum((first & (rows == last_row)).to(tl.int32)) > 0) & (start < T)
+    while more:
+        tail = start + tl.arange(0, TAIL)
+        in_range = tail < T
+        in_run = tl.load(sorted_ptr + tail, mask=in_range, other=-1) == last_row
+        tail_tokens = tl.load(order_ptr + tail, mask=in_range, other=0).to(tl.int64)  # not waiting for in_run
+        tail_grad = tl.load(grad_ptr + tail_tokens[:, None] * grad_stride + cols[None, :],
+                            mask=in_range[:, None] & in_cols[None, :], other=0.0)
+        rest += tl.sum(tl.where(in_run[:, None], tail_grad.to(tl.float32), 0.0), axis=0)
+        more = tl.sum(in_run.to(tl.int32)) == TAIL
+        start += TAIL
+    run_sums += tl.where((rows == last_row)[:, None], rest[None, :], 0.0)
+    dst = table_grad_ptr + rows.to(tl.int64)[:, None] * table_stride + cols[None, :]
+    write = first[:, None] & in_cols[None, :]
+    rounded = run_sums.to(table_grad_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dst, (tl.load(dst, mask=write).to(tl.float32) + rounded).to(table_grad_ptr.dtype.element_ty),
+             mask=write)
+
+
+EMBED_CHUNK, EMBED_TAIL = 64, 128
+
+
+def add_embedding_grad(grad, sorted_rows, order, table_grad, chunk=EMBED_CHUNK, tail=EMBED_TAIL, block_d=128,
+                       num_warps=4):
+    """table_grad[r] += (sum of grad[t] over the tokens t of row r), the sum rounded first, for grad
+    (T, D), table_grad (rows, D) and (sorted_rows, order) = torch.sort(the rows of the T tokens)."""
+    T, D = grad.shape
+    assert table_grad.size(1) == D and grad.stride(1) == table_grad.stride(1) == 1
+    _embedding_grad_kernel[(triton.cdiv(T, chunk), triton.cdiv(D, block_d))](
+        grad, order, sorted_rows, table_grad, T, D, grad.stride(0), table_grad.stride(0), CHUNK=chunk, TAIL=tail,
+        BLOCK_D=block_d, num_warps=num_warps)
+    return table_grad
+
+
+def gather_rows(indices, rows, params):
+    """Every table of rows rows stacked in params, looked up at indices."""
+    return tuple(F.embedding(indices, table) for param in params for table in param.split(rows))
+
+
+class EmbeddingRows(torch.autograd.Function):
+    """gather_rows whose backward adds into each parameter's .grad with add_embedding_grad and gives
+    autograd nothing, where autograd would add a dense gradient. So it runs outside the compiled graph."""
+
+    @staticmethod
+    def forward(ctx, indices, rows, *params):
+        ctx.save_for_backward(indices)
+        ctx.params, ctx.rows = params, rows
+        return gather_rows(indices, rows, params)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        indices, = ctx.saved_tensors
+        sorted_rows, order = torch.sort(indices)
+        for param in ctx.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        table_grads = [table for param in ctx.params for table in param.grad.split(ctx.rows)]
+        for grad, table_grad in zip(grads, table_grads):
+            add_embedding_grad(grad, sorted_rows, order, table_grad)
+        return (None, None) + (None,) * len(ctx.params)
+
+
+def embedding_rows(indices, rows, *params):
+    """Each table of rows rows stacked in params (a (k * rows, D) parameter holds k) looked up at
+    indices (T,): a (T, D) tensor per table; on CUDA through EmbeddingRows."""
+    return EmbeddingRows.apply(indices, rows, *params) if indices.is_cuda else gather_rows(indices, rows, params)
+
+
 # Fused Nesterov momentum + Polar Express orthogonalisation (one compiled function per shape).
 
 POLAR_EXPRESS_COEFFS = (
@@ -1228,9 +1328,18 @@ class GPT(nn.Module):
         y = y * torch.sigmoid(x[:, :GATE_DIM] @ attn_gate.mT)[..., None]
         return y.reshape(T, h * hd) @ (sa[1] * W[3 * h * hd:]).mT
 
-    def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None):
+    def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None, trunk=None):
         """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
-        windows: window_tensor((short, long)), attention windows in tokens, read at run time."""
+        windows: window_tensor((short, long)), attention windows in tokens, read at run time.
+        trunk: self.trunk compiled (build_model's). The embedding lookups stay outside it: on CUDA their
+        backward adds only the touched rows into .grad (EmbeddingRows)."""
+        e, *ves = embedding_rows(inputs, self.vocab_size, self.embed, self.value_embeds)
+        bigram, = embedding_rows(bigram_hash, self.bigram_vocab_size, self.bigram_embed)
+        return (trunk or self.trunk)(e, ves, bigram, targets, cu_seqlens, max_seq_len, windows, mtp_weights)
+
+    def trunk(self, e, ves, bigram, targets, cu_seqlens, max_seq_len, windows, mtp_weights):
+        """The model from the looked-up rows (T, D): token embeddings e, a list of NUM_VALUE_EMBEDS value
+        embeddings ves, bigram embeddings."""
         dt = self.embed.dtype
         short, long = windows.unbind(0)
         scalars = self.scalars
@@ -1241,13 +1350,9 @@ class GPT(nn.Module):
         post = [p.flatten().unbind(0) for p in self.post_lambdas.to(dt).unbind(0)]  # (a0, a1, m0, m1)
         x0_l, bigram_l = self.x0_lambdas.to(dt).unbind(0), self.bigram_lambdas.to(dt).unbind(0)
 
-        e = F.embedding(inputs, self.embed)
         smear = scalars[SMEAR_LAMBDA] * torch.sigmoid(e[1:, :GATE_DIM] @ self.smear_gate.mT)
         e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
         x0 = norm(e)
-        bigram = F.embedding(bigram_hash, self.bigram_embed)
-        ve_tables = self.value_embeds.view(NUM_VALUE_EMBEDS, self.vocab_size, -1).unbind(0)
-        ves = [F.embedding(inputs, table) for table in ve_tables]
         lane0, lane1 = x0 + bigram_l[0] * bigram, None
         for i in range(NUM_LAYERS):
             c_fc, c_proj = mlp_banks[i]
@@ -2062,7 +2167,7 @@ def build_model(hp, world_size, device):
     """The model and its compiled form. Compile workers build theirs here too: the same options give
     the same graphs, and so the cache entries the main process looks for."""
     model = GPT(device=device, attention=hp.attention, world_size=world_size)
-    return model, torch.compile(model, dynamic=False, fullgraph=True)
+    return model, functools.partial(model, trunk=torch.compile(model.trunk, dynamic=False, fullgraph=True))
 
 
 def compile_graph(hp, rank, world_size, device_index, stage):
@@ -2182,6 +2287,7 @@ KERNEL_CATEGORIES = (
     ("linear+ReLU^2 kernel", ("linear_relu_square",)),
     ("cross-entropy kernels", ("softcap_ce",)),
     ("q/k norm+rotary kernels", ("qkv_heads",)),
+    ("embedding gradients", ("embedding_grad", "radixsort", "sortkv")),  # the kernel and torch.sort's
     ("Inductor kernels", ("triton_",)),
     ("transposes", ("transpose",)),
     ("FP8 GEMMs", ("e4m3", "e5m2", "_qq", "_qr", "_rq")),  # cuBLAS's nvjet names: q e4m3, r e5m2

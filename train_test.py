@@ -701,7 +701,11 @@ def test_kernel_categories():
              ("_transpose_kernel", False, "transposes"),
              ("Memcpy HtoD (Pinned -> Device)", False, "copies and fills"),
              ("void at::native::vectorized_elementwise_kernel<8, CUDAFunctor_add>", False, "eager PyTorch kernels"),
-             ("void cub::DeviceRadixSortOnesweepKernel", False, "other")]
+             ("_embedding_grad_kernel", False, "embedding gradients"),
+             ("void cub::DeviceRadixSortOnesweepKernel", False, "embedding gradients"),
+             ("void at::native::bitonicSortKVInPlace", False, "embedding gradients"),
+             ("void at::native::reduce_kernel", False, "eager PyTorch kernels"),
+             ("void cudnn::bn_fw_tr_1C11_kernel", False, "other")]
     assert [tg.kernel_category(name, in_optimizer) for name, in_optimizer, _ in cases] == [c[2] for c in cases]
 
 
