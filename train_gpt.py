@@ -963,9 +963,6 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
     return X
 
 
-compiled_nesterov_polar_express = torch.compile(nesterov_polar_express, dynamic=False, fullgraph=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Model
 #
@@ -1087,9 +1084,6 @@ def reference_attention(q, k, v, cu_seqlens, window, scale):
 # runs, not constants baked into the graph: one compiled graph then serves every stage's windows
 # and every YaRN scale (4 graphs to compile instead of 9). FA4_VERSION is the release measured.
 FA4_VERSION = "4.0.0b36"
-# FA4 keeps its compiled kernels on disk, as Inductor and Triton do, so a warm start skips its JIT
-# (set to 0 to opt out; read when flash_attn.cute is first imported).
-os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
 ATTENTION_BACKENDS = ("auto", "fa4", "torch")
 ATTENTION_INSTALL = {
     "fa4": f"FlashAttention 4 on an sm90 (Hopper) or sm100 (Blackwell) GPU: pip install flash-attn-4=={FA4_VERSION}",
@@ -1482,15 +1476,7 @@ def add_transposed(src, dst):
     return transpose_add(src, dst) if src.is_cuda else dst.add_(src.mT)
 
 
-# Each parameter shape compiles its own Adam graph, each stage its own model graphs.
-torch._dynamo.config.recompile_limit = 64
-# The model's autograd Functions (FP8 loss, ReLU^2 MLP) are traced whole into its graphs, so
-# AOTAutograd's cache may keep those graphs. By default it skips every graph holding one, and each
-# start traced each model graph through AOTAutograd again (7-17 s per graph on one H200).
-torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
-compiled_adam_update = torch.compile(adam_update, dynamic=False, fullgraph=True)
-compiled_normuon_variance_reduction = torch.compile(normuon_variance_reduction, dynamic=False, fullgraph=True)
-compiled_normuon_apply = torch.compile(normuon_apply, dynamic=False, fullgraph=True)
+COMPILE_OPTIONS = dict(dynamic=False, fullgraph=True)  # every torch.compile here: static shapes, one graph
 
 
 class NorMuonAdam:
@@ -1509,10 +1495,9 @@ class NorMuonAdam:
         self.adam_lr, self.adam_eps, self.adam_weight_decay = adam_lr, adam_eps, adam_weight_decay
         self.muon_lr, self.muon_beta2, self.muon_weight_decay = muon_lr, muon_beta2, muon_weight_decay
         cuda = model.embed.is_cuda
-        self._adam = compiled_adam_update if cuda else adam_update
-        self._variance_reduction = compiled_normuon_variance_reduction if cuda else normuon_variance_reduction
-        self._apply = compiled_normuon_apply if cuda else normuon_apply
-        self._polar_express = compiled_nesterov_polar_express if cuda else nesterov_polar_express
+        self._adam, self._variance_reduction, self._apply, self._polar_express = (
+            torch.compile(fn, **COMPILE_OPTIONS) if cuda else fn  # wrappers of one function share its graphs
+            for fn in (adam_update, normuon_variance_reduction, normuon_apply, nesterov_polar_express))
         self._compute_dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter has no bf16
         # changing scalars enter compiled code as 0-d CPU tensors, so new values do not recompile
         self._lr, self._decay, self._momentum = torch.zeros(()), torch.zeros(()), torch.zeros(())
@@ -1781,6 +1766,20 @@ class Schedule:
 
 # ----------------------------------------------------------------------------------------------
 # Main: torchrun (or plain python, one process) on a world size that divides 8.
+
+
+def configure_torch():
+    """Every process-wide setting, made by main and by each compile worker: importing this file
+    changes nothing."""
+    # FA4 keeps its compiled kernels on disk, as Inductor and Triton do, so a warm start skips its
+    # JIT (set to 0 to opt out; read when flash_attn.cute is first imported).
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    # Each parameter shape compiles its own Adam graph, each stage its own model graphs.
+    torch._dynamo.config.recompile_limit = 64
+    # The model's autograd Functions (FP8 loss, ReLU^2 MLP) are traced whole into its graphs, so
+    # AOTAutograd's cache may keep those graphs. By default it skips every graph holding one, and each
+    # start traced each model graph through AOTAutograd again (7-17 s per graph on one H200).
+    torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
 
 
 def hyperparameter(default, help, shown_default=None):
@@ -2167,7 +2166,7 @@ def build_model(hp, world_size, device):
     """The model and its compiled form. Compile workers build theirs here too: the same options give
     the same graphs, and so the cache entries the main process looks for."""
     model = GPT(device=device, attention=hp.attention, world_size=world_size)
-    return model, functools.partial(model, trunk=torch.compile(model.trunk, dynamic=False, fullgraph=True))
+    return model, functools.partial(model, trunk=torch.compile(model.trunk, **COMPILE_OPTIONS))
 
 
 def compile_graph(hp, rank, world_size, device_index, stage):
@@ -2198,6 +2197,7 @@ def compile_worker(sender, threads, *args):
     """Process entry: compile_graph(*args) with this many Triton compile threads; sends its result
     or its error as one line."""
     try:
+        configure_torch()
         torch._inductor.config.compile_threads = threads
         sender.send(compile_graph(*args))
     except Exception as e:  # the main process logs it and compiles the graph itself
@@ -2746,6 +2746,7 @@ class Trainer:
 
 def main(argv=None):
     launch_time = time.perf_counter()
+    configure_torch()
     hp, check = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, local_rank = launch_environment()
     grad_accum = check_world_size(world_size)

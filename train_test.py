@@ -1,6 +1,7 @@
 """Model and optimizer tests: a tiny fp32 model on CPU (reference attention, interpreter kernels),
 the optimizer against independent references, and the distributed optimizer with gloo in 1, 2 and
 4 processes. GPU tests (full-size compiled model, varlen attention, FP8 loss, NCCL) skip on CPU."""
+import json
 import math
 import re
 import os
@@ -650,6 +651,33 @@ def run_script(args, cwd, stdout=None, **env):
                           text=True, cwd=cwd, env={**os.environ, **env})
 
 
+IMPORT_PROBE = """
+import json, os, torch, torch._dynamo.config, torch._functorch.config, torch._inductor.config
+os.environ.pop("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", None)
+def settings():
+    return (dict(os.environ), torch._dynamo.config.get_config_copy(), torch._functorch.config.get_config_copy(),
+            torch._inductor.config.get_config_copy())
+def changed(before, after):
+    return [name for name, a, b in zip(("environment", "dynamo", "functorch", "inductor"), before, after) if a != b]
+before = settings()
+import train_gpt
+imported = settings()
+train_gpt.configure_torch()
+print(json.dumps([changed(before, imported), changed(imported, settings())]))
+"""
+
+
+def test_importing_changes_no_setting():
+    """Importing the script leaves the environment and torch's compiler settings alone: main and the
+    compile workers make them, through configure_torch()."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    on_import, on_configure = json.loads(out.stdout.splitlines()[-1])
+    assert on_import == [] and on_configure == ["environment", "dynamo", "functorch"]
+
+
 def test_script_errors_are_one_line(small_data, tmp_path):
     """From the command line: exit code 1 and one line on stderr, no traceback; --check exits 0."""
     cases = [([], dict(WORLD_SIZE="3"), "world size 3 does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8"),
@@ -734,14 +762,15 @@ def test_describe_compile_splits_a_compile():
 
 
 def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
-    """With the script's settings a graph holding a custom autograd Function, as the model's do, is
-    kept by AOTAutograd's cache: a second process loads it instead of tracing it again."""
+    """With the script's settings (configure_torch) a graph holding a custom autograd Function, as the
+    model's do, is kept by AOTAutograd's cache: a second process loads it instead of tracing it again."""
     import subprocess
     program = """if True:
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         import train_gpt
         from torch._dynamo.utils import counters
+        train_gpt.configure_torch()
 
         class Double(torch.autograd.Function):
             @staticmethod
