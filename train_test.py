@@ -290,6 +290,7 @@ def slot_gradients(model, step, slot):
 
 
 def run_optimizer(rank, world_size, sparse, port, out_dir, device_type="cpu"):
+    tg.configure_torch()  # a process of its own, as main's
     device = torch.device(device_type, rank if device_type == "cuda" else 0)
     if world_size > 1:
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
