@@ -92,13 +92,13 @@ def test_xtx(shape):
 
 @pytest.mark.parametrize("shape", gpu_or_cpu([(5, 768, 768), (40, 768, 768), (768, 768), (37, 37)],
                                              [(3, 40, 40), (37, 37), (130, 130)]))
-def test_ba_plus_caa(shape):
+def test_bA_plus_cAA(shape):
     x = randn(*shape)
     a = (x.double() @ x.double().mT / shape[-1]).to(DTYPE)  # symmetric, like Polar Express's A
-    alpha, beta = torch.randn(2).tolist()
+    b, c = torch.randn(2).tolist()
     out = poisoned(*shape)
-    tg.ba_plus_cAA(a, out, alpha=alpha, beta=beta)
-    ref = alpha * a.double() @ a.double().mT + beta * a.double()
+    tg.bA_plus_cAA(a, out, b, c)
+    ref = b * a.double() + c * a.double() @ a.double().mT
     assert rel_err(out, ref) < TOL
 
 
@@ -115,7 +115,7 @@ TRANSPOSE_CONFIGS = [{}, dict(block_m=32, block_n=128, num_warps=8)]  # the defa
 def test_transpose_copy(shape, config):
     src = randn(*shape)
     dst = poisoned(shape[1], shape[0])
-    tg.transpose_copy(src, dst, **config)
+    tg._launch_transpose(src, dst, False, **config)  # the kernel, which transpose_copy runs on CUDA
     assert torch.equal(dst, src.T)
 
 
@@ -125,7 +125,8 @@ def test_transposed_fp8(dtype, shape):
     """The FP8 loss transposes its e4m3 / e5m2 operands with the same kernel; the logit gradient of
     stage 3 (49152 x 50304) has more than 2^31 elements."""
     src = randn(*shape, dtype=dtype)
-    out = tg.transposed(src)
+    out = tg.transposed(src) if GPU else tg._launch_transpose(src, src.new_empty(shape[::-1]), False,
+                                                               **tg.FP8_TRANSPOSE_TILE)
     assert out.is_contiguous() and torch.equal(out.view(torch.uint8), src.T.view(torch.uint8))
 
 
@@ -134,7 +135,7 @@ def test_transpose_add(shape):
     src = randn(*shape)
     dst = randn(shape[1], shape[0])
     ref = (dst.float() + src.float().T).to(DTYPE)  # one rounding of the fp32 sum
-    tg.transpose_add(src, dst)
+    tg._launch_transpose(src, dst, True)  # the kernel, which transpose_add runs on CUDA
     assert torch.equal(dst, ref)
 
 
@@ -287,12 +288,12 @@ def random_logits_and_targets(rows, vocab, distinct_targets=None):
     return logits, targets
 
 
-# the tanh.approx gate runs a PTX instruction, which the interpreter cannot
-FAST_GATE = [False, pytest.param(True, marks=pytest.mark.skipif(not GPU, reason="tanh.approx is PTX: needs a GPU"))]
+# the tanh.approx sigmoid runs a PTX instruction, which the interpreter cannot
+FAST_SIGMOID = [False, pytest.param(True, marks=pytest.mark.skipif(not GPU, reason="tanh.approx is PTX: needs a GPU"))]
 
 
 @pytest.mark.parametrize("weights", MTP_WEIGHTS)
-@pytest.mark.parametrize("fast", FAST_GATE)
+@pytest.mark.parametrize("fast", FAST_SIGMOID)
 def test_softcap_ce_losses(weights, fast):
     logits, targets = random_logits_and_targets(CE_ROWS, VOCAB)
     w = torch.tensor(weights, device=DEVICE)
@@ -306,7 +307,7 @@ def test_softcap_ce_losses(weights, fast):
 @pytest.mark.parametrize("distinct_targets", [None, 2])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, pytest.param(torch.float8_e5m2, marks=pytest.mark.skipif(
     not GPU, reason="the Triton 3.6 interpreter rounds to fp8 wrongly when rounding carries into the exponent"))])
-@pytest.mark.parametrize("fast", FAST_GATE)
+@pytest.mark.parametrize("fast", FAST_SIGMOID)
 def test_softcap_ce_gradient(weights, distinct_targets, grad_dtype, fast):
     logits, targets = random_logits_and_targets(CE_ROWS, VOCAB, distinct_targets)
     w = torch.tensor(weights, device=DEVICE)
@@ -322,20 +323,22 @@ def test_softcap_ce_gradient(weights, distinct_targets, grad_dtype, fast):
 
 
 @triton.jit
-def _gates_kernel(logits_ptr, exact_ptr, fast_ptr, n, BLOCK: tl.constexpr):
+def _sigmoids_kernel(logits_ptr, exact_ptr, fast_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + offsets, mask=offsets < n).to(tl.float32)
-    tl.store(exact_ptr + offsets, tg._gate(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, False), mask=offsets < n)
-    tl.store(fast_ptr + offsets, tg._gate(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, True), mask=offsets < n)
+    exact = tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, False)
+    fast = tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, True)
+    tl.store(exact_ptr + offsets, exact, mask=offsets < n)
+    tl.store(fast_ptr + offsets, fast, mask=offsets < n)
 
 
 @needs_gpu
-def test_fast_gate_error_on_every_bf16_logit():
-    """The tanh.approx gate against fp64 on every finite bf16 value: the bound its comment states."""
+def test_fast_sigmoid_error_on_every_bf16_logit():
+    """The tanh.approx sigmoid against fp64 on every finite bf16 value: the bound its comment states."""
     logits = torch.arange(-2 ** 15, 2 ** 15, device=DEVICE, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     logits = logits[torch.isfinite(logits)]
     exact, fast = poisoned(logits.numel(), dtype=torch.float32), poisoned(logits.numel(), dtype=torch.float32)
-    _gates_kernel[(triton.cdiv(logits.numel(), 1024),)](logits, exact, fast, logits.numel(), BLOCK=1024)
+    _sigmoids_kernel[(triton.cdiv(logits.numel(), 1024),)](logits, exact, fast, logits.numel(), BLOCK=1024)
     ref = torch.sigmoid((logits.double() + tg.SOFTCAP_SHIFT) / tg.SOFTCAP_DIVISOR)
     assert (exact.double() - ref).abs().max().item() < 1e-6
     assert (fast.double() - ref).abs().max().item() < 4e-6  # 3.7e-6 measured on an H200
@@ -456,7 +459,7 @@ def _bench_rows():
     for batch in (5, 40):
         a, out = _bf16(batch, 768, 768), _bf16(batch, 768, 768)
         add(f"A·Aᵀ {batch}x768x768 (gram)", lambda: tg.gram(a, out, tall=False), lambda: torch.bmm(a, a.mT, out=out))
-        add(f"c·A·Aᵀ+b·A {batch}x768x768", lambda: tg.ba_plus_cAA(out, a, 0.5, -1.5),
+        add(f"c·A·Aᵀ+b·A {batch}x768x768", lambda: tg.bA_plus_cAA(out, a, -1.5, 0.5),
             lambda: torch.baddbmm(out, out, out.mT, beta=-1.5, alpha=0.5, out=a))
     for batch in (3, 6, 24):
         a, out = _bf16(batch, 3072, 768), _bf16(batch, 768, 768)
@@ -552,9 +555,10 @@ def _sweep_rows():
     one = torch.ones((), device="cuda")
     x_f8, w_f8 = x.to(torch.float8_e4m3fn), w_head.to(torch.float8_e4m3fn)
     pieces = {
-        "CE kernel, exact gate, loss only": lambda: tg.softcap_ce(logits, targets, mtp),
-        "CE kernel, exact gate, loss + gradient": lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0),
-        "CE kernel, fast gate, loss + gradient": lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0, fast=True),
+        "CE kernel, exact sigmoid, loss only": lambda: tg.softcap_ce(logits, targets, mtp),
+        "CE kernel, exact sigmoid, loss + gradient": lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0),
+        "CE kernel, fast sigmoid, loss + gradient":
+            lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0, fast=True),
         "e4m3 logits matmul": lambda: torch._scaled_mm(x_f8, tg.transposed(w_f8).mT, scale_a=one, scale_b=one,
                                                        out_dtype=torch.bfloat16, use_fast_accum=True),
         "grad_x matmul": lambda: torch._scaled_mm(grad_f8, w_f8.mT, scale_a=one, scale_b=one,

@@ -10,6 +10,7 @@ import concurrent.futures
 import functools
 import glob
 import hashlib
+import itertools
 import math
 import multiprocessing
 import os
@@ -397,9 +398,9 @@ def XTX(a, out, **config):
     return _launch_symmetric(_as_batched(a).mT, _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
 
 
-def ba_plus_cAA(a, out, alpha, beta, **config):
-    """out = alpha * a @ a^T + beta * a for symmetric square a (M, M) or (B, M, M)."""
-    return _launch_symmetric(_as_batched(a), _as_batched(out), alpha, beta, True, **config).view_as(out)
+def bA_plus_cAA(A, out, b, c, **config):
+    """out = b * A + c * A @ A^T (Polar Express's step matrix) for symmetric square A (M, M) or (B, M, M)."""
+    return _launch_symmetric(_as_batched(A), _as_batched(out), c, b, True, **config).view_as(out)
 
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
@@ -430,13 +431,13 @@ def _launch_transpose(src, dst, accumulate, block_m=64, block_n=64, num_warps=4)
 
 
 def transpose_copy(src, dst, **config):
-    """dst (N, M) = src^T for src (M, N)."""
-    return _launch_transpose(src, dst, False, **config)
+    """dst (N, M) = src^T for src (M, N): the tiled kernel on CUDA, plain PyTorch elsewhere."""
+    return _launch_transpose(src, dst, False, **config) if src.is_cuda else dst.copy_(src.mT)
 
 
 def transpose_add(src, dst, **config):
-    """dst (N, M) += src^T for src (M, N)."""
-    return _launch_transpose(src, dst, True, **config)
+    """dst (N, M) += src^T for src (M, N), likewise."""
+    return _launch_transpose(src, dst, True, **config) if src.is_cuda else dst.add_(src.mT)
 
 
 FP8_TRANSPOSE_TILE = dict(block_m=64, block_n=128, num_warps=8)  # 128-byte rows read: 1.28 vs 1.65 ms at 64 x 64
@@ -704,12 +705,12 @@ def _tanh_approx(x):
 
 
 @triton.jit
-def _gate(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr, FAST: tl.constexpr):
+def _softcap_sigmoid(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr, FAST: tl.constexpr):
     """sigmoid((logits + SHIFT) / DIVISOR). These kernels are bound by special-function throughput:
     exact, it costs an exp2 and an approximate reciprocal (IEEE division would cost several
     instructions more); FAST, one tanh.approx, as 0.5 + 0.5 tanh(u / 2). FAST is off by at most 4e-6
     over every bf16 logit (kernels_test.py), far below the bf16 rounding of the logits themselves;
-    the training loss uses it (-5 ms per stage-3 step), evaluation keeps the exact gate."""
+    the training loss uses it (-5 ms per stage-3 step), evaluation keeps the exact sigmoid."""
     u = (logits + SHIFT) * (1.0 / DIVISOR)
     if FAST:
         return 0.5 + 0.5 * _tanh_approx(0.5 * u)
@@ -737,28 +738,30 @@ def _softcap_ce_kernel(
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         logits = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        sum_exp += tl.where(cols < n_cols, tl.exp(SOFTCAP * _gate(logits, SHIFT, DIVISOR, FAST)), 0.0)
+        sum_exp += tl.where(cols < n_cols, tl.exp(SOFTCAP * _softcap_sigmoid(logits, SHIFT, DIVISOR, FAST)), 0.0)
     lse = tl.log(tl.sum(sum_exp, axis=0))
-    gate = _gate(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR, FAST)
-    tl.store(loss_ptr + row, tl.sum(tl.where(valid, weights * (lse - SOFTCAP * gate), 0.0), axis=0))
+    target_sig = _softcap_sigmoid(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR,
+                                  FAST)
+    tl.store(loss_ptr + row, tl.sum(tl.where(valid, weights * (lse - SOFTCAP * target_sig), 0.0), axis=0))
     if WRITE_GRAD:
         weight_sum = tl.sum(weights, axis=0)
         scale = tl.cast(grad_multiplier, tl.float32) * (SOFTCAP / DIVISOR)
         grad_row_ptr = grad_ptr + row * stride_grad_row
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            g = _gate(tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32), SHIFT, DIVISOR, FAST)
-            grad = (scale * weight_sum) * tl.exp(SOFTCAP * g - lse) * g * (1.0 - g)
+            sig = _softcap_sigmoid(tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32), SHIFT,
+                                   DIVISOR, FAST)
+            grad = (scale * weight_sum) * tl.exp(SOFTCAP * sig - lse) * sig * (1.0 - sig)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
         tl.debug_barrier()  # the rewrites below must land after this program's stores above
         onehot = tl.sum(tl.where(targets[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
-        grad = scale * (weight_sum * tl.exp(SOFTCAP * gate - lse) - onehot) * gate * (1.0 - gate)
+        grad = scale * (weight_sum * tl.exp(SOFTCAP * target_sig - lse) - onehot) * target_sig * (1.0 - target_sig)
         tl.store(grad_row_ptr + targets, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def softcap_ce(logits, targets, mtp_weights, grad=None, grad_multiplier=1.0, fast=False):
     """Per-row MTP losses (fp32) of the softcapped logits. With grad given, also writes into it (in its
-    dtype) the gradient of their sum times grad_multiplier. fast: the tanh.approx gate (CUDA only)."""
+    dtype) the gradient of their sum times grad_multiplier. fast: the tanh.approx sigmoid (CUDA only)."""
     n_rows, n_cols = logits.shape
     n = mtp_weights.numel()
     losses = logits.new_empty(n_rows, dtype=torch.float32)
@@ -933,7 +936,7 @@ def polar_step_matrix(A, out, b, c):
     """out = b A + c A A for symmetric A: the symmetric kernel on CUDA (faster than baddbmm at every
     measured shape), baddbmm elsewhere."""
     if A.is_cuda:
-        return ba_plus_cAA(A, out, alpha=c, beta=b)
+        return bA_plus_cAA(A, out, b, c)
     return torch.baddbmm(A, A, A, beta=b, alpha=c, out=out)
 
 
@@ -979,7 +982,8 @@ VALUE_EMBED_LAYERS = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}  # layer -> value-embedding
 NUM_LAYERS, NUM_VALUE_EMBEDS, GATE_DIM = 11, 5, 12
 # scalars: an (attention in, attention out) lambda pair per layer, then these three
 SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
-NUM_SCALARS = SKIP_LAMBDA + 1  # the parameter is padded to a multiple of the world size
+NUM_SCALARS = SKIP_LAMBDA + 1
+SCALARS_SIZE = NUM_SCALARS + (-NUM_SCALARS) % SLOTS_PER_STEP  # padded: every world size divides it
 WINDOW_BLOCK = 128  # attention windows are counted in blocks of this many tokens (Stage.windows)
 
 
@@ -1266,8 +1270,7 @@ def eval_loss(x, lm_head, targets, chunk_rows=32768):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size=VOCAB_SIZE, num_heads=6, head_dim=128, model_dim=768, max_len=262144,
-                 dtype=torch.bfloat16, device=None, attention="auto", world_size=None):
-        """world_size: the ranks the scalars are padded for (default: the process group's size, else 1)."""
+                 dtype=torch.bfloat16, device=None, attention="auto"):
         super().__init__()
         self.attention_backend = attention_backend(attention, device or "cpu")
         d, hidden = model_dim, 4 * model_dim
@@ -1297,9 +1300,7 @@ class GPT(nn.Module):
         self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS, **f32))
         self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05, **f32))
         self.resid_lambdas = nn.Parameter(torch.full((NUM_LAYERS, 2), math.sqrt(1.1), **f32))  # [:, attention / MLP]
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-        scalars = torch.ones(NUM_SCALARS + (-NUM_SCALARS) % world_size, **f32)
+        scalars = torch.ones(SCALARS_SIZE, **f32)
         scalars[:2 * NUM_LAYERS:2] = 0.5
         scalars[SMEAR_LAMBDA], scalars[BACKOUT_LAMBDA], scalars[SKIP_LAMBDA] = 0.0, 0.5, -1.5
         self.scalars = nn.Parameter(scalars)
@@ -1394,31 +1395,34 @@ class GPT(nn.Module):
 @dataclass(frozen=True)
 class ParamGroup:
     label: str
-    attr: str  # the GPT attribute
-    optim: str  # "normuon" or "adam"
-    comms: str  # "replicated", "sharded" or "sharded_sparse"
+    attr: str = ""  # the GPT attribute, if not the label
+    optim: str = "adam"  # or "normuon"
+    comms: str = "replicated"  # or "sharded", "sharded_sparse"
     betas: tuple = (0.9, 0.99)
     lr_mul: float = 1.0
     wd_mul: float = 1.0
 
+    def __post_init__(self):
+        object.__setattr__(self, "attr", self.attr or self.label)
+
 
 # In "scatter order": reductions are launched in this order.
 PARAM_GROUPS = (
-    ParamGroup("attn", "attn_bank", "normuon", "sharded"),
-    ParamGroup("mlp", "mlp_bank", "normuon", "sharded"),
-    ParamGroup("scalars", "scalars", "adam", "replicated", (0.9, 0.99), 5, 0),
-    ParamGroup("smear_gate", "smear_gate", "adam", "replicated", (0.9, 0.99), 0.01, 0),
-    ParamGroup("skip_gate", "skip_gate", "adam", "replicated", (0.9, 0.99), 0.05, 0),
-    ParamGroup("attn_gate_bank", "attn_gate_bank", "adam", "replicated", (0.9, 0.99), 1, 1),
-    ParamGroup("ve_gate_bank", "ve_gate_bank", "adam", "replicated", (0.9, 0.99), 1, 1),
-    ParamGroup("lm_head", "lm_head", "adam", "sharded", (0.5, 0.95), 1, 150),
-    ParamGroup("bigram_embed", "bigram_embed", "adam", "sharded_sparse", (0.75, 0.95), 75, 5),
-    ParamGroup("post_lambdas", "post_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
-    ParamGroup("x0_lambdas", "x0_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
-    ParamGroup("bigram_lambdas", "bigram_lambdas", "adam", "replicated", (0.9, 0.95), 1, 0),
-    ParamGroup("resid_lambdas", "resid_lambdas", "adam", "replicated", (0.9, 0.95), 5, 0),
-    ParamGroup("value_embed", "value_embeds", "adam", "sharded", (0.75, 0.95), 75, 5),
-    ParamGroup("embed", "embed", "adam", "sharded", (0.5, 0.95), 1, 150),
+    ParamGroup("attn", attr="attn_bank", optim="normuon", comms="sharded"),
+    ParamGroup("mlp", attr="mlp_bank", optim="normuon", comms="sharded"),
+    ParamGroup("scalars", lr_mul=5, wd_mul=0),
+    ParamGroup("smear_gate", lr_mul=0.01, wd_mul=0),
+    ParamGroup("skip_gate", lr_mul=0.05, wd_mul=0),
+    ParamGroup("attn_gate_bank"),
+    ParamGroup("ve_gate_bank"),
+    ParamGroup("lm_head", comms="sharded", betas=(0.5, 0.95), wd_mul=150),
+    ParamGroup("bigram_embed", comms="sharded_sparse", betas=(0.75, 0.95), lr_mul=75, wd_mul=5),
+    ParamGroup("post_lambdas", betas=(0.9, 0.95), wd_mul=0),
+    ParamGroup("x0_lambdas", betas=(0.9, 0.95), wd_mul=0),
+    ParamGroup("bigram_lambdas", betas=(0.9, 0.95), wd_mul=0),
+    ParamGroup("resid_lambdas", betas=(0.9, 0.95), lr_mul=5, wd_mul=0),
+    ParamGroup("value_embed", attr="value_embeds", comms="sharded", betas=(0.75, 0.95), lr_mul=75, wd_mul=5),
+    ParamGroup("embed", comms="sharded", betas=(0.5, 0.95), wd_mul=150),
 )
 # Updates are done in "work order", each waiting only for its own reduction.
 WORK_ORDER = ("scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas", "x0_lambdas",
@@ -1464,16 +1468,6 @@ def normuon_apply(p, mantissa, X, lr, decay):
         bits = weight.view(torch.int32)
         p.view(torch.int16).copy_((bits >> 16).to(torch.int16))
         mantissa.copy_((bits & 0xFFFF).to(torch.uint16))
-
-
-def copy_transposed(src, dst):
-    """dst = src^T: the tiled kernel on CUDA (it leaves SMs to NCCL), plain PyTorch elsewhere."""
-    return transpose_copy(src, dst) if src.is_cuda else dst.copy_(src.mT)
-
-
-def add_transposed(src, dst):
-    """dst += src^T, likewise."""
-    return transpose_add(src, dst) if src.is_cuda else dst.add_(src.mT)
 
 
 COMPILE_OPTIONS = dict(dynamic=False, fullgraph=True)  # every torch.compile here: static shapes, one graph
@@ -1651,7 +1645,7 @@ class NorMuonAdam:
         reductions = {}
         for label in active:  # scatter order
             if label == "lm_head" and self.tied:
-                add_transposed(self.params["embed"].grad, self.params["lm_head"].grad)
+                transpose_add(self.params["embed"].grad, self.params["lm_head"].grad)
             reductions[label] = self._launch_reduction(label)
         gathers = []
         for label in WORK_ORDER:
@@ -1662,7 +1656,7 @@ class NorMuonAdam:
             if label == "lm_head" and self.tied:  # embed mirrors lm_head: it needs the whole of it now
                 if gather is not None:
                     gather.wait()
-                copy_transposed(self.params["lm_head"].detach(), self.params["embed"].detach())
+                transpose_copy(self.params["lm_head"].detach(), self.params["embed"].detach())
             elif gather is not None:
                 gathers.append(gather)
         for gather in gathers:
@@ -1679,7 +1673,7 @@ class NorMuonAdam:
             if self.world_size > 1:
                 full = full.new_empty(self.params["lm_head"].shape)
                 dist.all_gather_into_tensor(full, lm_state[key])
-            embed_state[key].copy_(self._chunk("embed", copy_transposed(full, full.new_empty(full.mT.shape))))
+            embed_state[key].copy_(self._chunk("embed", transpose_copy(full, full.new_empty(full.mT.shape))))
         embed_state["count"].copy_(lm_state["count"])
         self.tied = False
 
@@ -1690,21 +1684,28 @@ class NorMuonAdam:
 
 @dataclass(frozen=True)
 class Stage:
+    name: str
     batch_tokens: int  # global, per step
     max_seq_len: int
     windows: tuple  # (short, long) attention windows in WINDOW_BLOCKs
     lr_mul: float
     mtp_start: tuple  # multi-token prediction weights at the stage's first step ...
     mtp_end: tuple  # ... and at its (exclusive) end
+    share: int = 1  # its part of the scheduled steps, against the sum of the stages' shares
 
 
 STAGES = (
-    Stage(131072, 896, (1, 3), 1.0, (1.0, 0.5, 0.25), (1.0, 0.5, 0.0)),
-    Stage(262144, 2048, (3, 7), 1.52, (1.0, 0.5), (1.0, 0.0)),
-    Stage(393216, 2048, (5, 11), 1.73, (1.0,), (1.0,)),
+    Stage("stage 1", batch_tokens=131072, max_seq_len=896, windows=(1, 3), lr_mul=1.0,
+          mtp_start=(1.0, 0.5, 0.25), mtp_end=(1.0, 0.5, 0.0)),
+    Stage("stage 2", batch_tokens=262144, max_seq_len=2048, windows=(3, 7), lr_mul=1.52,
+          mtp_start=(1.0, 0.5), mtp_end=(1.0, 0.0)),
+    Stage("stage 3", batch_tokens=393216, max_seq_len=2048, windows=(5, 11), lr_mul=1.73,
+          mtp_start=(1.0,), mtp_end=(1.0,)),
 )
-EXTENSION = Stage(393216, 2048, (6, 13), 1.73, (1.0,), (1.0,))
-STAGE_NAMES = ("stage 1", "stage 2", "stage 3", "extension")
+# after the scheduled steps, --num_extension_iterations of the last stage's batch with wider windows
+EXTENSION = Stage("extension", batch_tokens=393216, max_seq_len=2048, windows=(6, 13), lr_mul=1.73,
+                  mtp_start=(1.0,), mtp_end=(1.0,), share=0)
+ALL_STAGES = (*STAGES, EXTENSION)
 FINAL_VAL_WINDOWS = (6, 20)  # the final validation looks further, without a YaRN update
 VAL_BATCH_TOKENS = 2_097_152  # per val step, 8 slots of 262,144 for every world size
 VAL_LOCAL_TOKENS = VAL_BATCH_TOKENS // SLOTS_PER_STEP
@@ -1717,28 +1718,29 @@ MOMENTUM_MIN, MOMENTUM_RISE = 0.85, 0.10  # NorMuon's: up by RISE over the warm-
 class Schedule:
     def __init__(self, num_scheduled, num_extension):
         self.num_scheduled, self.total = num_scheduled, num_scheduled + num_extension
-        self.starts = [round(k * num_scheduled / 3) for k in range(3)] + [num_scheduled]  # 0/483/967/1450
-        self.split_step = self.starts[2]  # embed and lm_head separate after this step's update
+        shares = [0, *itertools.accumulate(stage.share for stage in STAGES)]
+        self.starts = [round(share * num_scheduled / shares[-1]) for share in shares]  # 0/483/967/1450 of 1450
+        self.split_step = self.starts[-2]  # embed and lm_head separate after the last stage's first update
 
     def stage_ranges(self):
         """(name, first step, end step) of every stage that has steps, the extension last."""
         ends = self.starts[1:] + [self.total]
-        return [(STAGE_NAMES[i], first, end) for i, (first, end) in enumerate(zip(self.starts, ends)) if end > first]
+        return [(stage.name, first, end) for stage, first, end in zip(ALL_STAGES, self.starts, ends) if end > first]
 
     def stage_name(self, step):
-        return STAGE_NAMES[self.stage_index(step)]
+        return self.stage(step).name
 
     def stage_index(self, step):
-        """0, 1, 2 for the stages, 3 for the extension."""
+        """The stage's index in ALL_STAGES: the extension is the last."""
         return sum(step >= s for s in self.starts[1:])
 
     def stage(self, step):
-        return (*STAGES, EXTENSION)[self.stage_index(step)]
+        return ALL_STAGES[self.stage_index(step)]
 
     def mtp_weights(self, step):
         i = self.stage_index(step)
         stage = self.stage(step)
-        if i == 3:
+        if i == len(STAGES):  # the extension
             return stage.mtp_start
         t = (step - self.starts[i]) / (self.starts[i + 1] - self.starts[i])
         return tuple(a + t * (b - a) for a, b in zip(stage.mtp_start, stage.mtp_end))
@@ -1812,8 +1814,9 @@ class Hyperparameters:
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
     run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file", "a fresh uuid")
     seed: int = hyperparameter(0, "seed of the model's initialisation")
-    profile: int = hyperparameter(0, "profile a few steps of this stage (1, 2 or 3) after the warm-up, print GPU "
-                                      "time by kernel category, write a Chrome trace to logs/ and exit; 0: train")
+    profile: int = hyperparameter(0, f"profile a few steps of this stage (1 to {len(STAGES)}) after the warm-up, "
+                                      "print GPU time by kernel category, write a Chrome trace to logs/ and exit; "
+                                      "0: train")
     parallel_compile: str = hyperparameter("auto", "worker processes compile the later stages' graphs during the "
                                                    "warm-up (auto: unless the caches hold them already)")
     cuda_graphs: bool = hyperparameter(True, "replay each stage's micro-batch (forward and backward) as one CUDA "
@@ -1883,8 +1886,8 @@ def check_arguments(hp, world_size):
         problems.append(f"--seed must lie in [0, 2^64), as torch.manual_seed takes it, not {hp.seed}")
     if not 0 <= hp.muon_beta2 < 1:
         problems.append(f"--muon_beta2 must lie in [0, 1), not {hp.muon_beta2}")
-    if hp.profile not in (0, 1, 2, 3):
-        problems.append(f"--profile takes a stage, 1, 2 or 3 (or 0 to train), not {hp.profile}")
+    if hp.profile not in range(len(STAGES) + 1):
+        problems.append(f"--profile takes a stage, 1 to {len(STAGES)} (or 0 to train), not {hp.profile}")
     elif hp.profile:
         schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
         length = schedule.starts[hp.profile] - schedule.starts[hp.profile - 1]
@@ -2162,10 +2165,10 @@ def run_eval_graph(compiled, batch, windows):
                     window_tensor(windows))
 
 
-def build_model(hp, world_size, device):
+def build_model(hp, device):
     """The model and its compiled form. Compile workers build theirs here too: the same options give
     the same graphs, and so the cache entries the main process looks for."""
-    model = GPT(device=device, attention=hp.attention, world_size=world_size)
+    model = GPT(device=device, attention=hp.attention)
     return model, functools.partial(model, trunk=torch.compile(model.trunk, **COMPILE_OPTIONS))
 
 
@@ -2176,7 +2179,7 @@ def compile_graph(hp, rank, world_size, device_index, stage):
     t0 = time.perf_counter()
     device = torch.device("cuda", device_index)
     torch.cuda.set_device(device)
-    _, compiled = build_model(hp, world_size, device)
+    _, compiled = build_model(hp, device)
     grad_accum = SLOTS_PER_STEP // world_size
     if stage is None:
         batches = validation_batches(hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS, grad_accum, rank, world_size,
@@ -2362,7 +2365,7 @@ class TrainingClock:
     def __init__(self, total_steps, log, advice):
         self.total_steps, self.log, self.advice = total_steps, log, advice
         self.seconds = 0.0  # on the clock, up to the last stop
-        self.stage_seconds = [0.0] * len(STAGE_NAMES)
+        self.stage_seconds = [0.0] * len(ALL_STAGES)
         self.losses = torch.zeros(total_steps, dtype=torch.float32).pin_memory()
         self.pending = collections.deque()  # (step, its end event): launched, not yet logged
         self.running = None  # (stage index, host clock, start event) since the last start
@@ -2411,7 +2414,7 @@ class Trainer:
         self.schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
         sparse = {"auto": world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[hp.sparse_bigram]
         torch.manual_seed(hp.seed)
-        self.model, self.compiled = build_model(hp, world_size, device)
+        self.model, self.compiled = build_model(hp, device)
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)

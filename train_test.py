@@ -708,7 +708,7 @@ def test_script_errors_are_one_line(small_data, tmp_path):
 
 
 def test_profile_needs_a_stage_with_six_steps():
-    with pytest.raises(tg.UsageError, match=r"^--profile takes a stage, 1, 2 or 3 \(or 0 to train\), not 4$"):
+    with pytest.raises(tg.UsageError, match=r"^--profile takes a stage, 1 to 3 \(or 0 to train\), not 4$"):
         tg.check_arguments(tg.parse_args(["--profile", "4"])[0], 1)
     with pytest.raises(tg.UsageError, match=r"^--profile 2 runs 6 steps of stage 2, which has 5 here: raise "):
         tg.check_arguments(tg.parse_args(["--profile", "2", "--num_scheduled_iterations", "15"])[0], 1)
