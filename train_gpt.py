@@ -970,16 +970,34 @@ def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.
 # Model
 #
 # 11 layers. Layers 0-5 have one residual lane, layer 6 is MLP-only, layers 7-10 keep two lanes
-# (attention writes to both, the MLP reads lane 1). Paired-head layers attend over head pairs
-# at doubled sequence positions; long-window layers see further and shift half of each key.
+# (attention writes to both, the MLP reads lane 1).
 
-PAIRED_HEAD_LAYERS = (0, 2, 5, 9)
-LONG_WINDOW_LAYERS = (3, 10)
-MLP_ONLY_LAYER = 6
-SKIP_LAYER = 3  # lane 0 after this layer's attention is added back before layer 6
-TWO_LANE_LAYER = 7  # first two-lane layer; lane 0 at its end is the backout
-VALUE_EMBED_LAYERS = {1: 0, 2: 1, 8: 2, 9: 3, 10: 4}  # layer -> value-embedding table and gate
-NUM_LAYERS, NUM_VALUE_EMBEDS, GATE_DIM = 11, 5, 12
+
+@dataclass(frozen=True)
+class Layer:
+    attention: bool = True  # False: the MLP only, after lane 0 takes back the skip
+    paired_heads: bool = False  # attends over head pairs at doubled sequence positions
+    long_window: bool = False  # the long window; half of each key comes from the previous token
+    value_embed: int = None  # the value-embedding table (and gate) added to its values
+    two_lanes: bool = False  # in the first such layer lane 1 starts as lane 0, and lane 0 after it is the backout
+    skip: bool = False  # lane 0 after its attention is the skip
+
+
+LAYERS = (
+    Layer(paired_heads=True),
+    Layer(value_embed=0),
+    Layer(paired_heads=True, value_embed=1),
+    Layer(long_window=True, skip=True),
+    Layer(),
+    Layer(paired_heads=True),
+    Layer(attention=False),
+    Layer(two_lanes=True),
+    Layer(two_lanes=True, value_embed=2),
+    Layer(two_lanes=True, paired_heads=True, value_embed=3),
+    Layer(two_lanes=True, long_window=True, value_embed=4),
+)
+NUM_LAYERS, NUM_ATTENTION_LAYERS = len(LAYERS), sum(layer.attention for layer in LAYERS)
+NUM_VALUE_EMBEDS, GATE_DIM = 5, 12
 # scalars: an (attention in, attention out) lambda pair per layer, then these three
 SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
 NUM_SCALARS = SKIP_LAMBDA + 1
@@ -1284,18 +1302,18 @@ class GPT(nn.Module):
         self.value_embeds = nn.Parameter(0.01 * torch.randn(NUM_VALUE_EMBEDS * vocab_size, d, **kw))
         self.bigram_embed = nn.Parameter(torch.zeros(self.bigram_vocab_size, d, **kw))
         # attention bank: per layer with attention, rows [Q; K; V; O] of (d, d) each
-        self.attn_bank = nn.Parameter(torch.empty(NUM_LAYERS - 1, 4 * d, d, **kw).uniform_(-bound, bound))
+        self.attn_bank = nn.Parameter(torch.empty(NUM_ATTENTION_LAYERS, 4 * d, d, **kw).uniform_(-bound, bound))
         # MLP bank: [layer, c_fc / c_proj]; layer 11 pads 24 matrices to split over 8 ranks
         mlp_bank = torch.zeros(NUM_LAYERS + 1, 2, hidden, d, **kw)
         mlp_bank[:, 0].uniform_(-bound, bound)
         self.mlp_bank = nn.Parameter(mlp_bank)
-        self.attn_gate_bank = nn.Parameter(torch.zeros(NUM_LAYERS - 1, num_heads, GATE_DIM, **kw))
+        self.attn_gate_bank = nn.Parameter(torch.zeros(NUM_ATTENTION_LAYERS, num_heads, GATE_DIM, **kw))
         self.ve_gate_bank = nn.Parameter(torch.zeros(NUM_VALUE_EMBEDS, num_heads, GATE_DIM, **kw))
         self.smear_gate = nn.Parameter(torch.zeros(1, GATE_DIM, **kw))
         self.skip_gate = nn.Parameter(torch.zeros(1, GATE_DIM, **kw))
         f32 = dict(dtype=torch.float32, device=device)
         post = torch.ones(NUM_LAYERS, 2, 2, **f32)  # [layer, attention / MLP, lane 0 / lane 1]
-        post[TWO_LANE_LAYER:, 0, 1] = 1.5
+        post[[layer.two_lanes for layer in LAYERS], 0, 1] = 1.5
         self.post_lambdas = nn.Parameter(post)
         self.x0_lambdas = nn.Parameter(torch.zeros(NUM_LAYERS, **f32))
         self.bigram_lambdas = nn.Parameter(torch.full((NUM_LAYERS,), 0.05, **f32))
@@ -1306,22 +1324,26 @@ class GPT(nn.Module):
         self.scalars = nn.Parameter(scalars)
         self.rotary = Rotary(head_dim, max_len, device)
 
-    def attn(self, i, x, W, sa, ve, ve_gate, attn_gate, cu_seqlens, max_seq_len, window):
+    def attn(self, x, layer, weights, gate, scales, cu_seqlens, max_seq_len, window, value=None):
+        """Attention of one layer: weights, its [Q; K; V; O] rows; gate, its output gate; scales, the
+        (input, output) lambdas; value, (value embedding, its gate) if the layer has one."""
         T, h, hd = x.size(0), self.num_heads, self.head_dim
-        paired = i in PAIRED_HEAD_LAYERS
+        paired = layer.paired_heads
         tables = (self.rotary.paired_cos, self.rotary.paired_sin) if paired else (self.rotary.cos, self.rotary.sin)
-        q, k, v = qkv_heads(x @ (sa[0] * W[:3 * h * hd]).mT, *tables, h, paired, i in LONG_WINDOW_LAYERS)
-        if ve is not None:
-            gate_in = x[:, :GATE_DIM] if paired else torch.cat([x[:, :GATE_DIM // 2], ve[:, :GATE_DIM // 2]], dim=-1)
-            v = v + (2 * torch.sigmoid(gate_in @ ve_gate.mT))[..., None] * ve.view(T, h, hd)
+        q, k, v = qkv_heads(x @ (scales[0] * weights[:3 * h * hd]).mT, *tables, h, paired, layer.long_window)
+        if value is not None:
+            value_embed, value_gate = value
+            gate_in = x[:, :GATE_DIM] if paired else torch.cat([x[:, :GATE_DIM // 2], value_embed[:, :GATE_DIM // 2]],
+                                                               dim=-1)
+            v = v + (2 * torch.sigmoid(gate_in @ value_gate.mT))[..., None] * value_embed.view(T, h, hd)
         if paired:  # token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
             q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
             y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, self.rotary.attn_scale,
                           self.attention_backend).reshape(T, h, hd)
         else:
             y = attention(q, k, v, cu_seqlens, max_seq_len, window, self.rotary.attn_scale, self.attention_backend)
-        y = y * torch.sigmoid(x[:, :GATE_DIM] @ attn_gate.mT)[..., None]
-        return y.reshape(T, h * hd) @ (sa[1] * W[3 * h * hd:]).mT
+        y = y * torch.sigmoid(x[:, :GATE_DIM] @ gate.mT)[..., None]
+        return y.reshape(T, h * hd) @ (scales[1] * weights[3 * h * hd:]).mT
 
     def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None, trunk=None):
         """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
@@ -1338,44 +1360,46 @@ class GPT(nn.Module):
         dt = self.embed.dtype
         short, long = windows.unbind(0)
         scalars = self.scalars
-        attn_banks = self.attn_bank.unbind(0)
+        attention_weights = iter(zip(self.attn_bank.unbind(0), self.attn_gate_bank.unbind(0)))  # in layer order
         mlp_banks = [pair.unbind(0) for pair in self.mlp_bank.unbind(0)]
-        attn_gates, ve_gates = self.attn_gate_bank.unbind(0), self.ve_gate_bank.unbind(0)
-        ra, rm = (t.unbind(0) for t in self.resid_lambdas.to(dt).unbind(1))
-        post = [p.flatten().unbind(0) for p in self.post_lambdas.to(dt).unbind(0)]  # (a0, a1, m0, m1)
-        x0_l, bigram_l = self.x0_lambdas.to(dt).unbind(0), self.bigram_lambdas.to(dt).unbind(0)
+        value_gates = self.ve_gate_bank.unbind(0)
+        resid_attn, resid_mlp = (t.unbind(0) for t in self.resid_lambdas.to(dt).unbind(1))
+        post = [p.flatten().unbind(0) for p in self.post_lambdas.to(dt).unbind(0)]
+        x0_lambda, bigram_lambda = self.x0_lambdas.to(dt).unbind(0), self.bigram_lambdas.to(dt).unbind(0)
 
         smear = scalars[SMEAR_LAMBDA] * torch.sigmoid(e[1:, :GATE_DIM] @ self.smear_gate.mT)
         e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
         x0 = norm(e)
-        lane0, lane1 = x0 + bigram_l[0] * bigram, None
-        for i in range(NUM_LAYERS):
+        lane0, lane1 = x0 + bigram_lambda[0] * bigram, None
+        for i, layer in enumerate(LAYERS):
             c_fc, c_proj = mlp_banks[i]
-            if i == MLP_ONLY_LAYER:
+            post_attn0, post_attn1, post_mlp0, post_mlp1 = post[i]  # into lane 0 / lane 1
+            if not layer.attention:
                 gate = torch.sigmoid(scalars[SKIP_LAMBDA]) * 2 * torch.sigmoid(x0[:, :GATE_DIM] @ self.skip_gate.mT)
                 lane0 = lane0 + gate * skip
-                lane0 = rm[i] * lane0 + post[i][2] * mlp(norm(lane0), c_fc, c_proj)
+                lane0 = resid_mlp[i] * lane0 + post_mlp0 * mlp(norm(lane0), c_fc, c_proj)
                 continue
-            bank = i - (i > MLP_ONLY_LAYER)
-            inject = x0_l[i] * x0 if i == 0 else x0_l[i] * x0 + bigram_l[i] * bigram
-            table = VALUE_EMBED_LAYERS.get(i)
-            a = self.attn(i, norm(lane0), attn_banks[bank], (scalars[2 * i], scalars[2 * i + 1]),
-                          None if table is None else ves[table], None if table is None else ve_gates[table],
-                          attn_gates[bank], cu_seqlens, max_seq_len, long if i in LONG_WINDOW_LAYERS else short)
-            if i < TWO_LANE_LAYER:
-                lane0 = ra[i] * lane0 + a + inject
-                if i == SKIP_LAYER:
+            weights, gate = next(attention_weights)
+            inject = x0_lambda[i] * x0 if i == 0 else x0_lambda[i] * x0 + bigram_lambda[i] * bigram
+            table = layer.value_embed
+            a = self.attn(norm(lane0), layer, weights, gate, scales=(scalars[2 * i], scalars[2 * i + 1]),
+                          cu_seqlens=cu_seqlens, max_seq_len=max_seq_len, window=long if layer.long_window else short,
+                          value=None if table is None else (ves[table], value_gates[table]))
+            if not layer.two_lanes:
+                lane0 = resid_attn[i] * lane0 + a + inject
+                if layer.skip:
                     skip = lane0
-                lane0 = rm[i] * lane0 + post[i][2] * mlp(norm(lane0), c_fc, c_proj)
+                lane0 = resid_mlp[i] * lane0 + post_mlp0 * mlp(norm(lane0), c_fc, c_proj)
             else:
-                if i == TWO_LANE_LAYER:
+                first_two_lane = lane1 is None
+                if first_two_lane:
                     lane1 = lane0
-                lane0 = ra[i] * lane0 + post[i][0] * a + inject
-                lane1 = ra[i] * lane1 + post[i][1] * a
+                lane0 = resid_attn[i] * lane0 + post_attn0 * a + inject
+                lane1 = resid_attn[i] * lane1 + post_attn1 * a
                 m = mlp(norm(lane1), c_fc, c_proj)
-                lane0 = rm[i] * lane0 + post[i][2] * m
-                lane1 = rm[i] * lane1 + post[i][3] * m
-                if i == TWO_LANE_LAYER:
+                lane0 = resid_mlp[i] * lane0 + post_mlp0 * m
+                lane1 = resid_mlp[i] * lane1 + post_mlp1 * m
+                if first_two_lane:
                     backout = lane0
         x = norm((lane0 + lane1) / 2 - scalars[BACKOUT_LAMBDA] * backout)
         if mtp_weights is None:

@@ -151,7 +151,7 @@ def test_paired_head_attention_equals_straightforward_construction(layer):
     W, sa = model.attn_bank[layer].detach(), (model.scalars[2 * layer].detach(), model.scalars[2 * layer + 1].detach())
     ve_gate, attn_gate = model.ve_gate_bank[1].detach(), model.attn_gate_bank[layer].detach()
     with torch.no_grad():
-        out = model.attn(layer, x, W, sa, ve if layer == 2 else None, ve_gate, attn_gate, cu, 16, 8)
+        out = model.attn(x, tg.LAYERS[layer], W, attn_gate, sa, cu, 16, 8, (ve, ve_gate) if layer == 2 else None)
     # straightforward: token t, head h -> rotary position 2t + h % 2, sequence position 2t + h // 3, slot h % 3
     q, k, v = (x @ (sa[0] * W[:3 * h * hd]).T).view(T, 3, h, hd).unbind(1)
     q, k = tg.norm(q), tg.norm(k)
