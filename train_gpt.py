@@ -1,8 +1,16 @@
 """Single-file GPT speedrun: train a GPT-2-small-class model on FineWeb to <= 3.28 val loss.
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
-Sections, in order: data, kernels, model, optimizer, schedule, main. Importing this file runs
-nothing, so tests can import its pieces.
+Importing this file runs and changes nothing (main calls configure_torch), so tests can import
+its pieces.
+
+Sections, in file order, with where to start reading each:
+  Data       load_shard, ShardReader, distributed_data_generator, validation_batches
+  Kernels    transpose_copy, ReLUSquareMLP, QKVHeads, FP8SoftcapMTPLoss, EmbeddingRows
+  Model      LAYERS, Rotary, attention, GPT
+  Optimizer  nesterov_polar_express, PARAM_GROUPS, NorMuonAdam
+  Schedule   STAGES, Schedule
+  Main       Hyperparameters, preflight, CompileWorker, TrainingClock, Trainer, main
 """
 import argparse
 import collections
@@ -319,89 +327,11 @@ def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank
             yield micro_batch(buf, doc_starts, device, files[0])
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: the model's (Polar Express's symmetric products are with the optimizer)
 #
 # Every kernel takes its dtypes from the tensors it is given, so the CPU tests can drive it with
 # fp32 tensors under the Triton interpreter (which has no bf16). Scalar float arguments are cast
 # to fp32 inside the kernels: under torch.compile they arrive as fp64.
-
-# Symmetric products for Polar Express: only the blocks on and above the diagonal are computed,
-# each off-diagonal block is stored twice (itself and its mirror).
-
-
-@triton.jit
-def _symmetric_matmul_kernel(
-    a_ptr, out_ptr, M, K,
-    stride_ab, stride_am, stride_ak,
-    stride_ob, stride_om, stride_on,
-    alpha, beta,
-    ADD_SCALED_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """out = alpha * A @ A^T (+ beta * A when ADD_SCALED_INPUT; then A is square)."""
-    num_blocks = tl.cdiv(M, BLOCK_M)
-    block_m = tl.program_id(0) // num_blocks
-    block_n = tl.program_id(0) % num_blocks
-    if block_m > block_n:
-        return
-    a_ptr += tl.program_id(1).to(tl.int64) * stride_ab
-    out_ptr += tl.program_id(1).to(tl.int64) * stride_ob
-    rows_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_n = block_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + cols)[None, :] < K
-        a = tl.load(a_ptr + rows_m[:, None] * stride_am + (k0 + cols)[None, :] * stride_ak,
-                    mask=(rows_m[:, None] < M) & k_mask, other=0.0)
-        b = tl.load(a_ptr + rows_n[:, None] * stride_am + (k0 + cols)[None, :] * stride_ak,
-                    mask=(rows_n[:, None] < M) & k_mask, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
-    acc *= tl.cast(alpha, tl.float32)
-    out_mask = (rows_m[:, None] < M) & (rows_n[None, :] < M)
-    if ADD_SCALED_INPUT:
-        a_block = tl.load(a_ptr + rows_m[:, None] * stride_am + rows_n[None, :] * stride_ak,
-                          mask=out_mask, other=0.0)
-        acc += tl.cast(beta, tl.float32) * a_block.to(tl.float32)
-    out = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :] * stride_on, out, mask=out_mask)
-    if block_m < block_n:
-        tl.store(out_ptr + rows_n[:, None] * stride_om + rows_m[None, :] * stride_on,
-                 tl.trans(out), mask=tl.trans(out_mask))
-
-
-def _as_batched(t):
-    return t if t.ndim == 3 else t.unsqueeze(0)
-
-
-def _launch_symmetric(a, out, alpha, beta, add_scaled_input, block_m=128, block_k=64, num_warps=8, num_stages=4):
-    """a: (B, M, K), possibly a transposed view; out: (B, M, M)."""
-    batch, m, k = a.shape
-    num_blocks = triton.cdiv(m, block_m)
-    _symmetric_matmul_kernel[(num_blocks * num_blocks, batch)](
-        a, out, m, k,
-        a.stride(0), a.stride(1), a.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        alpha, beta,
-        ADD_SCALED_INPUT=add_scaled_input, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
-
-
-def XXT(a, out, **config):
-    """out = a @ a^T for a of shape (M, K) or (B, M, K); out (M, M) or (B, M, M)."""
-    return _launch_symmetric(_as_batched(a), _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
-
-
-def XTX(a, out, **config):
-    """out = a^T @ a for a of shape (M, K) or (B, M, K); out (K, K) or (B, K, K)."""
-    return _launch_symmetric(_as_batched(a).mT, _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
-
-
-def bA_plus_cAA(A, out, b, c, **config):
-    """out = b * A + c * A @ A^T (Polar Express's step matrix) for symmetric square A (M, M) or (B, M, M)."""
-    return _launch_symmetric(_as_batched(A), _as_batched(out), c, b, True, **config).view_as(out)
-
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
 # written coalesced along dst rows. PyTorch's element-wise transposed copy writes uncoalesced
@@ -906,66 +836,6 @@ def embedding_rows(indices, rows, *params):
     return EmbeddingRows.apply(indices, rows, *params) if indices.is_cuda else gather_rows(indices, rows, params)
 
 
-# Fused Nesterov momentum + Polar Express orthogonalisation (one compiled function per shape).
-
-POLAR_EXPRESS_COEFFS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
-
-
-GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
-# X / (1.02 ||X||_F + 1e-6) puts every singular value below 1, where the iteration converges (Polar
-# Express, Amsel et al. 2025, normalises by the Frobenius norm; 2% is the record's margin for bf16).
-NORM_MARGIN, NORM_EPS = 1.02, 1e-6
-MATMUL_ADD_MIN_ROWS = 1024  # from here a matmul plus an in-place add beats baddbmm's defensive copy
-
-
-def gram(X, out, tall):
-    """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the CUDA
-    shapes where it measured faster than cuBLAS on an H200 (kernels_test.py --bench --sweep)."""
-    if X.is_cuda and (X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE):
-        return (XTX if tall else XXT)(X, out)
-    return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
-
-
-def polar_step_matrix(A, out, b, c):
-    """out = b A + c A A for symmetric A: the symmetric kernel on CUDA (faster than baddbmm at every
-    measured shape), baddbmm elsewhere."""
-    if A.is_cuda:
-        return bA_plus_cAA(A, out, b, c)
-    return torch.baddbmm(A, A, A, beta=b, alpha=c, out=out)
-
-
-def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.bfloat16):
-    """Nesterov update of momentum_buffer (in place), then Polar Express of the Nesterov
-    gradient, for a batch of matrices (B, rows, cols). Returns X in compute_dtype.
-
-    Tall matrices (rows > cols) iterate on X^T X so that X is never transposed.
-    """
-    momentum_buffer.lerp_(grad, 1 - momentum)
-    grad = grad.lerp_(momentum_buffer, momentum)
-    X = grad.to(compute_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
-    tall = X.size(-2) > X.size(-1)
-    size = X.size(-1) if tall else X.size(-2)
-    A = X.new_empty(X.size(0), size, size)
-    B = torch.empty_like(A)
-    for a, b, c in POLAR_EXPRESS_COEFFS:
-        gram(X, A, tall)
-        polar_step_matrix(A, B, b, c)
-        if not tall:
-            X = torch.baddbmm(X, B, X, beta=a)
-        elif X.size(-2) > MATMUL_ADD_MIN_ROWS:
-            X = torch.bmm(X, B).add_(X, alpha=a)
-        else:
-            X = torch.baddbmm(X, X, B, beta=a)
-    return X
-
-
 # ----------------------------------------------------------------------------------------------
 # Model
 #
@@ -1414,6 +1284,144 @@ class GPT(nn.Module):
 #
 # Gradients are SUMMED across ranks: the 1/world factor is folded into the loss scale (1/8 for
 # every world size), so NCCL and gloo run the same code and every world size the same math.
+
+
+# Symmetric products for Polar Express: only the blocks on and above the diagonal are computed,
+# each off-diagonal block is stored twice (itself and its mirror).
+
+
+@triton.jit
+def _symmetric_matmul_kernel(
+    a_ptr, out_ptr, M, K,
+    stride_ab, stride_am, stride_ak,
+    stride_ob, stride_om, stride_on,
+    alpha, beta,
+    ADD_SCALED_INPUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = alpha * A @ A^T (+ beta * A when ADD_SCALED_INPUT; then A is square)."""
+    num_blocks = tl.cdiv(M, BLOCK_M)
+    block_m = tl.program_id(0) // num_blocks
+    block_n = tl.program_id(0) % num_blocks
+    if block_m > block_n:
+        return
+    a_ptr += tl.program_id(1).to(tl.int64) * stride_ab
+    out_ptr += tl.program_id(1).to(tl.int64) * stride_ob
+    rows_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = block_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + cols)[None, :] < K
+        a = tl.load(a_ptr + rows_m[:, None] * stride_am + (k0 + cols)[None, :] * stride_ak,
+                    mask=(rows_m[:, None] < M) & k_mask, other=0.0)
+        b = tl.load(a_ptr + rows_n[:, None] * stride_am + (k0 + cols)[None, :] * stride_ak,
+                    mask=(rows_n[:, None] < M) & k_mask, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+    acc *= tl.cast(alpha, tl.float32)
+    out_mask = (rows_m[:, None] < M) & (rows_n[None, :] < M)
+    if ADD_SCALED_INPUT:
+        a_block = tl.load(a_ptr + rows_m[:, None] * stride_am + rows_n[None, :] * stride_ak,
+                          mask=out_mask, other=0.0)
+        acc += tl.cast(beta, tl.float32) * a_block.to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows_m[:, None] * stride_om + rows_n[None, :] * stride_on, out, mask=out_mask)
+    if block_m < block_n:
+        tl.store(out_ptr + rows_n[:, None] * stride_om + rows_m[None, :] * stride_on,
+                 tl.trans(out), mask=tl.trans(out_mask))
+
+
+def _as_batched(t):
+    return t if t.ndim == 3 else t.unsqueeze(0)
+
+
+def _launch_symmetric(a, out, alpha, beta, add_scaled_input, block_m=128, block_k=64, num_warps=8, num_stages=4):
+    """a: (B, M, K), possibly a transposed view; out: (B, M, M)."""
+    batch, m, k = a.shape
+    num_blocks = triton.cdiv(m, block_m)
+    _symmetric_matmul_kernel[(num_blocks * num_blocks, batch)](
+        a, out, m, k,
+        a.stride(0), a.stride(1), a.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        alpha, beta,
+        ADD_SCALED_INPUT=add_scaled_input, BLOCK_M=block_m, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def XXT(a, out, **config):
+    """out = a @ a^T for a of shape (M, K) or (B, M, K); out (M, M) or (B, M, M)."""
+    return _launch_symmetric(_as_batched(a), _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
+
+
+def XTX(a, out, **config):
+    """out = a^T @ a for a of shape (M, K) or (B, M, K); out (K, K) or (B, K, K)."""
+    return _launch_symmetric(_as_batched(a).mT, _as_batched(out), 1.0, 0.0, False, **config).view_as(out)
+
+
+def bA_plus_cAA(A, out, b, c, **config):
+    """out = b * A + c * A @ A^T (Polar Express's step matrix) for symmetric square A (M, M) or (B, M, M)."""
+    return _launch_symmetric(_as_batched(A), _as_batched(out), c, b, True, **config).view_as(out)
+
+
+# Fused Nesterov momentum + Polar Express orthogonalisation (one compiled function per shape).
+
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
+# X / (1.02 ||X||_F + 1e-6) puts every singular value below 1, where the iteration converges (Polar
+# Express, Amsel et al. 2025, normalises by the Frobenius norm; 2% is the record's margin for bf16).
+NORM_MARGIN, NORM_EPS = 1.02, 1e-6
+MATMUL_ADD_MIN_ROWS = 1024  # from here a matmul plus an in-place add beats baddbmm's defensive copy
+
+
+def gram(X, out, tall):
+    """out = X^T X (tall) or X X^T for a batch X, through the symmetric kernel only for the CUDA
+    shapes where it measured faster than cuBLAS on an H200 (kernels_test.py --bench --sweep)."""
+    if X.is_cuda and (X.size(0) >= GRAM_KERNEL_MIN_BATCH_TALL if tall else X.size(0) <= GRAM_KERNEL_MAX_BATCH_WIDE):
+        return (XTX if tall else XXT)(X, out)
+    return torch.bmm(X.mT, X, out=out) if tall else torch.bmm(X, X.mT, out=out)
+
+
+def polar_step_matrix(A, out, b, c):
+    """out = b A + c A A for symmetric A: the symmetric kernel on CUDA (faster than baddbmm at every
+    measured shape), baddbmm elsewhere."""
+    if A.is_cuda:
+        return bA_plus_cAA(A, out, b, c)
+    return torch.baddbmm(A, A, A, beta=b, alpha=c, out=out)
+
+
+def nesterov_polar_express(grad, momentum_buffer, momentum, compute_dtype=torch.bfloat16):
+    """Nesterov update of momentum_buffer (in place), then Polar Express of the Nesterov
+    gradient, for a batch of matrices (B, rows, cols). Returns X in compute_dtype.
+
+    Tall matrices (rows > cols) iterate on X^T X so that X is never transposed.
+    """
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    grad = grad.lerp_(momentum_buffer, momentum)
+    X = grad.to(compute_dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * NORM_MARGIN + NORM_EPS)
+    tall = X.size(-2) > X.size(-1)
+    size = X.size(-1) if tall else X.size(-2)
+    A = X.new_empty(X.size(0), size, size)
+    B = torch.empty_like(A)
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        gram(X, A, tall)
+        polar_step_matrix(A, B, b, c)
+        if not tall:
+            X = torch.baddbmm(X, B, X, beta=a)
+        elif X.size(-2) > MATMUL_ADD_MIN_ROWS:
+            X = torch.bmm(X, B).add_(X, alpha=a)
+        else:
+            X = torch.baddbmm(X, X, B, beta=a)
+    return X
 
 
 @dataclass(frozen=True)

@@ -668,6 +668,20 @@ print(json.dumps([changed(before, imported), changed(imported, settings())]))
 """
 
 
+def test_the_table_of_contents_is_true():
+    """Every section the module docstring lists has its header, in that order, and every name listed
+    under a section is defined inside it."""
+    lines = open(tg.__file__).read().splitlines()
+    headers = [i + 1 for i, line in enumerate(lines[:-1]) if line == "# " + "-" * 94]
+    contents = tg.__doc__.split("with where to start reading each:\n")[1].strip().splitlines()
+    sections = [line.split()[0] for line in contents]
+    assert [lines[i].lstrip("# ").split(":")[0] for i in headers] == sections
+    for line, start, end in zip(contents, headers, headers[1:] + [len(lines)]):
+        for name in line.replace(",", " ").split()[1:]:
+            where = [i for i, text in enumerate(lines) if re.match(rf"(def |class ){name}\b|{name} = ", text)]
+            assert len(where) == 1 and start < where[0] < end, (name, where, start, end)
+
+
 def test_importing_changes_no_setting():
     """Importing the script leaves the environment and torch's compiler settings alone: main and the
     compile workers make them, through configure_torch()."""
