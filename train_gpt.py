@@ -55,7 +55,8 @@ HEADER_BYTES = 4 * HEADER_WORDS
 BOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257  # a shard's token ids lie below this
 VOCAB_SIZE = 50304  # 50257 padded to a multiple of 128
-BIGRAM_VOCAB_SIZE = 5 * VOCAB_SIZE
+BIGRAM_ROWS_PER_TOKEN = 5  # the bigram table's rows, per vocabulary entry
+BIGRAM_VOCAB_SIZE = BIGRAM_ROWS_PER_TOKEN * VOCAB_SIZE
 SLOTS_PER_STEP = 8  # world_size * grad_accum_steps, for every world size
 SYNC_BOS_INDEX_TOKENS = 6_000_000  # a fresh shard's BOS index covers this much at once, the rest in the background
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # defaults do not depend on the cwd
@@ -1163,7 +1164,7 @@ class GPT(nn.Module):
         self.attention_backend = attention_backend(attention, device or "cpu")
         d, hidden = model_dim, 4 * model_dim
         self.num_heads, self.head_dim, self.vocab_size = num_heads, head_dim, vocab_size
-        self.bigram_vocab_size = 5 * vocab_size
+        self.bigram_vocab_size = BIGRAM_ROWS_PER_TOKEN * vocab_size
         bound = math.sqrt(3) * 0.5 * d ** -0.5
         kw = dict(dtype=dtype, device=device)
 
@@ -1894,6 +1895,34 @@ def parse_args(argv):
     return Hyperparameters(**args), check
 
 
+@dataclass(frozen=True)
+class Run:
+    """What a run derives from its arguments and its place among the ranks, in one place: the
+    pre-flight, the compile workers and the trainer take it from here."""
+    hp: Hyperparameters
+    world_size: int
+    rank: int = 0
+    device: torch.device = None  # the pre-flight's walks need none
+
+    @property
+    def grad_accum(self):
+        return SLOTS_PER_STEP // self.world_size
+
+    @functools.cached_property
+    def schedule(self):
+        return Schedule(self.hp.num_scheduled_iterations, self.hp.num_extension_iterations)
+
+    def train_batches(self, stage):
+        """This rank's training micro-batches from the first shard on, at stage's shapes."""
+        return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
+                                          self.grad_accum, self.rank, self.world_size, self.device)
+
+    def val_batches(self, val_tokens):
+        """This rank's validation micro-batches of val_tokens tokens in all."""
+        return validation_batches(self.hp.val_files, val_tokens, VAL_LOCAL_TOKENS, self.grad_accum, self.rank,
+                                  self.world_size, self.device)
+
+
 def check_arguments(hp, world_size):
     """The values argparse cannot judge alone."""
     problems = []
@@ -1921,8 +1950,8 @@ def check_arguments(hp, world_size):
     if hp.profile not in range(len(STAGES) + 1):
         problems.append(f"--profile takes a stage, 1 to {len(STAGES)} (or 0 to train), not {hp.profile}")
     elif hp.profile:
-        schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
-        length = schedule.starts[hp.profile] - schedule.starts[hp.profile - 1]
+        starts = Run(hp, world_size).schedule.starts
+        length = starts[hp.profile] - starts[hp.profile - 1]
         if length < PROFILE_WARM_STEPS + PROFILE_STEPS:
             problems.append(f"--profile {hp.profile} runs {PROFILE_WARM_STEPS + PROFILE_STEPS} steps of stage "
                             f"{hp.profile}, which has {length} here: "
@@ -1955,7 +1984,6 @@ def launch_environment():
 def check_world_size(world_size):
     if world_size < 1 or SLOTS_PER_STEP % world_size:
         raise UsageError(f"world size {world_size} does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8")
-    return SLOTS_PER_STEP // world_size
 
 
 def log_path(run_id):
@@ -2065,10 +2093,10 @@ def other_draws(hp, schedule):
     return draws
 
 
-def preflight(hp, world_size):
+def preflight(run):
     """Check every data file and walk every batch the run will draw, as the loader will, on the CPU,
     before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
-    schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
+    hp, schedule = run.hp, run.schedule
     train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
     for path in train_files:  # every header and size, used or not
         check_shard(path)
@@ -2081,8 +2109,7 @@ def preflight(hp, world_size):
             walk_batches(reader, stages, what)
     finally:
         reader.close()
-    lines = [f"plan: {schedule.total} steps, world size {world_size} "
-             f"(gradient accumulation {SLOTS_PER_STEP // world_size})"]
+    lines = [f"plan: {schedule.total} steps, world size {run.world_size} (gradient accumulation {run.grad_accum})"]
     for name, first, end in schedule.stage_ranges():
         stage = schedule.stage(first)
         short, long = (WINDOW_BLOCK * blocks for blocks in stage.windows)
@@ -2204,24 +2231,20 @@ def build_model(hp, device):
     return model, functools.partial(model, trunk=torch.compile(model.trunk, **COMPILE_OPTIONS))
 
 
-def compile_graph(hp, rank, world_size, device_index, stage):
+def compile_graph(run, stage):
     """Compile the model graph of one stage (None: the evaluation graph) by running it once on a real
     batch, as the main process's warm-up will. Inductor, Triton and FA4 keep what they compile in
     on-disk caches, where the main process finds it. Returns (seconds, GPU peak in GiB)."""
     t0 = time.perf_counter()
-    device = torch.device("cuda", device_index)
-    torch.cuda.set_device(device)
-    _, compiled = build_model(hp, device)
-    grad_accum = SLOTS_PER_STEP // world_size
+    torch.cuda.set_device(run.device)
+    _, compiled = build_model(run.hp, run.device)
     if stage is None:
-        batches = validation_batches(hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS, grad_accum, rank, world_size,
-                                     device)
+        batches = run.val_batches(VAL_BATCH_TOKENS)
         with torch.no_grad():
             run_eval_graph(compiled, next(batches), FINAL_VAL_WINDOWS)
     else:
-        batches = distributed_data_generator(hp.train_files, stage.batch_tokens, stage.max_seq_len, grad_accum,
-                                             rank, world_size, device)
-        mtp = torch.tensor(stage.mtp_start, dtype=torch.float32, device=device)
+        batches = run.train_batches(stage)
+        mtp = torch.tensor(stage.mtp_start, dtype=torch.float32, device=run.device)
         (run_training_graph(compiled, next(batches), stage, mtp) * LOSS_SCALE).backward()
     batches.close()
     torch.cuda.synchronize()
@@ -2440,21 +2463,20 @@ class TrainingClock:
 
 
 class Trainer:
-    def __init__(self, hp, rank, world_size, device):
-        self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
-        self.grad_accum = check_world_size(world_size)
-        self.schedule = Schedule(hp.num_scheduled_iterations, hp.num_extension_iterations)
-        sparse = {"auto": world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[hp.sparse_bigram]
-        torch.manual_seed(hp.seed)
-        self.model, self.compiled = build_model(hp, device)
-        if world_size > 1:
+    def __init__(self, run):
+        self.run, self.schedule = run, run.schedule
+        self.hp, self.rank, self.world_size, self.device = run.hp, run.rank, run.world_size, run.device
+        sparse = {"auto": run.world_size == 8 and run.grad_accum == 1, "on": True, "off": False}[run.hp.sparse_bigram]
+        torch.manual_seed(run.hp.seed)
+        self.model, self.compiled = build_model(run.hp, run.device)
+        if run.world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        self.optimizer = self.new_optimizer(rank, world_size, sparse_bigram=sparse)
-        self.step_loss = torch.zeros((), device=device)  # the step's loss, accumulated on the GPU
+        self.optimizer = self.new_optimizer(run.rank, run.world_size, sparse_bigram=sparse)
+        self.step_loss = torch.zeros((), device=run.device)  # the step's loss, accumulated on the GPU
         # each stage's MTP weights, a row per step, on the GPU once: no copy from the host per step
         self.mtp_tables = {self.schedule.stage_index(first): torch.tensor(
-            [self.schedule.mtp_weights(step) for step in range(first, end)], dtype=torch.float32, device=device)
+            [self.schedule.mtp_weights(step) for step in range(first, end)], dtype=torch.float32, device=run.device)
             for _, first, end in self.schedule.stage_ranges()}
         self.graphs = None  # MicroBatchGraphs, captured after the warm-up (--cuda_graphs)
 
@@ -2470,9 +2492,7 @@ class Trainer:
 
     def loader(self, first_step=0):
         """Training micro-batches from the first shard on, at the shapes of first_step's stage."""
-        stage = self.schedule.stage(first_step)
-        return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
-                                          self.grad_accum, self.rank, self.world_size, self.device)
+        return self.run.train_batches(self.schedule.stage(first_step))
 
     def accumulate_gradients(self, step, batches, use_graphs=True):
         """Forward and backward over the step's micro-batches: gradients into .grad, the loss into step_loss;
@@ -2505,8 +2525,8 @@ class Trainer:
         """The step's micro-batches; the first one tells the loader about a new stage."""
         stage = self.schedule.stage(step)
         new_stage = step > 0 and self.schedule.stage(step - 1) != stage
-        first = loader.send((stage.batch_tokens, stage.max_seq_len, self.grad_accum)) if new_stage else next(loader)
-        return [first] + [next(loader) for _ in range(self.grad_accum - 1)]
+        first = loader.send((stage.batch_tokens, stage.max_seq_len, self.run.grad_accum)) if new_stage else next(loader)
+        return [first] + [next(loader) for _ in range(self.run.grad_accum - 1)]
 
     def apply_yarn(self, step):
         """Stretch the rotary frequencies when the long window grows at this step."""
@@ -2551,8 +2571,7 @@ class Trainer:
     def validate(self, windows, val_batches=None):
         """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
         if val_batches is None:
-            val_batches = validation_batches(self.hp.val_files, self.hp.val_tokens, VAL_LOCAL_TOKENS,
-                                             self.grad_accum, self.rank, self.world_size, self.device)
+            val_batches = self.run.val_batches(self.hp.val_tokens)
         total, count = torch.zeros((), device=self.device), 0
         for batch in val_batches:
             total += run_eval_graph(self.compiled, batch, windows)
@@ -2573,7 +2592,7 @@ class Trainer:
         context = multiprocessing.get_context("spawn")
         return {key: CompileWorker(context, "the evaluation graph" if stage is None else
                                    f"the training graph of {stage.batch_tokens:,} tokens/step", threads,
-                                   self.hp, self.rank, self.world_size, self.device.index, stage)
+                                   self.run, stage)
                 for key, stage in jobs}
 
     @staticmethod
@@ -2600,8 +2619,7 @@ class Trainer:
             f"{self.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
         workers = self.start_compile_workers() if parallel else {}
         try:
-            val_batch = [next(validation_batches(self.hp.val_files, VAL_BATCH_TOKENS, VAL_LOCAL_TOKENS,
-                                                 self.grad_accum, self.rank, self.world_size, self.device))]
+            val_batch = [next(self.run.val_batches(VAL_BATCH_TOKENS))]
             loader = self.loader()
             for step in self.schedule.warmup_steps():
                 stage = self.schedule.stage(step)
@@ -2642,7 +2660,7 @@ class Trainer:
         first = self.schedule.starts[self.hp.profile - 1]
         self.prepare_stage(first, self.optimizer)
         loader = self.loader(first)
-        batches = [next(loader) for _ in range(self.grad_accum)]
+        batches = [next(loader) for _ in range(self.run.grad_accum)]
         profiled_first = first + warm_steps
         warm, profiled = range(first, profiled_first), range(profiled_first, profiled_first + profiled_steps)
 
@@ -2650,7 +2668,7 @@ class Trainer:
             nonlocal batches
             for step in steps:
                 self.train_step(step, batches)
-                batches = [next(loader) for _ in range(self.grad_accum)]
+                batches = [next(loader) for _ in range(self.run.grad_accum)]
             torch.cuda.synchronize()
         run(warm)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -2784,7 +2802,7 @@ def main(argv=None):
     configure_torch()
     hp, check = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, local_rank = launch_environment()
-    grad_accum = check_world_size(world_size)
+    check_world_size(world_size)
     check_arguments(hp, world_size)
     if check:  # a GPU run learns it from attention_backend, after the GPU is chosen (no import before that)
         check_fa4_installed(hp.attention)
@@ -2792,7 +2810,7 @@ def main(argv=None):
     hp.run_id = hp.run_id or str(uuid.uuid4())
     check_outputs(hp, world_size)
     t0 = time.perf_counter()
-    plan = preflight(hp, world_size)
+    plan = preflight(Run(hp, world_size, rank))
     plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
     if check:
         if rank == 0:
@@ -2822,11 +2840,12 @@ def main(argv=None):
             hp.run_id = run_ids[0]
     log = Logger(hp.run_id, rank == 0)
     log.header()
-    log(f"world size {world_size}, gradient accumulation {grad_accum}, {hp}")
+    run = Run(hp, world_size, rank, device)
+    log(f"world size {world_size}, gradient accumulation {run.grad_accum}, {hp}")
     for line in plan:
         log(line)
     try:
-        trainer = Trainer(hp, rank, world_size, device)
+        trainer = Trainer(run)
         log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
         (trainer.profile if hp.profile else trainer.train)(log, launch_time)
     finally:

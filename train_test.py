@@ -811,13 +811,13 @@ def test_compile_worker_failures_are_one_line():
     in one line instead of a traceback, and one silent past the timeout is stopped; the main process
     then compiles the graph itself."""
     import multiprocessing
-    worker = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1, tg.Hyperparameters(), 0, 1,
-                              torch.cuda.device_count() + 5, tg.STAGES[0])
+    no_such_gpu = tg.Run(tg.Hyperparameters(), 1, 0, torch.device("cuda", torch.cuda.device_count() + 5))
+    worker = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1, no_such_gpu, tg.STAGES[0])
     result = worker.result()
     assert isinstance(result, str) and "\n" not in result and result.split(":")[0].endswith("Error"), result
     assert not worker.process.is_alive()
-    slow = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1, tg.Hyperparameters(), 0, 1, 0,
-                            tg.STAGES[0])
+    slow = tg.CompileWorker(multiprocessing.get_context("spawn"), "a graph", 1,
+                            tg.Run(tg.Hyperparameters(), 1, 0, torch.device("cuda", 0)), tg.STAGES[0])
     assert slow.result(timeout=0.01) == "no result after 0.01 s" and not slow.process.is_alive()
 
 

@@ -234,7 +234,23 @@ def small_run(tmp_path):
 
 
 def preflight(argv, world_size=1):
-    return tg.preflight(tg.parse_args(argv)[0], world_size)
+    return tg.preflight(tg.Run(tg.parse_args(argv)[0], world_size))
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_a_run_draws_the_same_step_on_every_world_size(small_run, world_size):
+    """Run's loaders: a step's micro-batches over all ranks hold the tokens one process draws; the
+    validation batches too."""
+    hp = tg.parse_args(small_run)[0]
+    cpu = tg.torch.device("cpu")
+
+    def step_tokens(make_batches, world_size):
+        runs = [tg.Run(hp, world_size, rank, cpu) for rank in range(world_size)]
+        batches = [batch for run in runs for batch, _ in zip(make_batches(run), range(run.grad_accum))]
+        return sorted(batch.inputs.numpy().tobytes() for batch in batches)
+
+    for make_batches in (lambda run: run.train_batches(tg.STAGES[1]), lambda run: run.val_batches(hp.val_tokens)):
+        assert step_tokens(make_batches, world_size) == step_tokens(make_batches, 1)
 
 
 def test_preflight_walks_exactly_what_the_loader_draws(small_run):
