@@ -868,7 +868,8 @@ LAYERS = (
     Layer(two_lanes=True, long_window=True, value_embed=4),
 )
 NUM_LAYERS, NUM_ATTENTION_LAYERS = len(LAYERS), sum(layer.attention for layer in LAYERS)
-NUM_VALUE_EMBEDS, GATE_DIM = 5, 12
+NUM_VALUE_EMBEDS = sum(layer.value_embed is not None for layer in LAYERS)  # a table per layer that has one
+GATE_DIM = 12
 # scalars: an (attention in, attention out) lambda pair per layer, then these three
 SMEAR_LAMBDA, BACKOUT_LAMBDA, SKIP_LAMBDA = 2 * NUM_LAYERS, 2 * NUM_LAYERS + 1, 2 * NUM_LAYERS + 2
 NUM_SCALARS = SKIP_LAMBDA + 1

@@ -242,10 +242,9 @@ def test_a_run_draws_the_same_step_on_every_world_size(small_run, world_size):
     """Run's loaders: a step's micro-batches over all ranks hold the tokens one process draws; the
     validation batches too."""
     hp = tg.parse_args(small_run)[0]
-    cpu = tg.torch.device("cpu")
 
     def step_tokens(make_batches, world_size):
-        runs = [tg.Run(hp, world_size, rank, cpu) for rank in range(world_size)]
+        runs = [tg.Run(hp, world_size, rank, "cpu") for rank in range(world_size)]
         batches = [batch for run in runs for batch, _ in zip(make_batches(run), range(run.grad_accum))]
         return sorted(batch.inputs.numpy().tobytes() for batch in batches)
 
