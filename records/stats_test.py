@@ -166,3 +166,13 @@ def test_an_unreadable_log_is_one_line(tmp_path, capsys):
     os.chmod(tmp_path / "s" / "run1.txt", 0)
     assert stats.main([str(tmp_path / "s")]) == 1
     assert re.search(r"run1.txt cannot be read \(Permission denied\)", capsys.readouterr().err)
+
+
+def test_example_submission_stats_txt_is_what_stats_prints(capsys, monkeypatch):
+    """The worked example's stats.txt (quoted in its README) is the table its logs give today."""
+    example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "track_1_short",
+                           "2026-12-01_FlashAttention4_synthetic")
+    monkeypatch.chdir(example)
+    assert stats.main(["baseline", "fa4"]) == 0
+    with open("stats.txt") as f:
+        assert capsys.readouterr().out == f.read()
