@@ -11,6 +11,7 @@ masking and symmetry; what truly needs a GPU is skipped with the reason.
 import os
 import sys
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -502,12 +503,43 @@ def _bench_rows():
         add(f"FP8 softcap CE fwd+bwd {tokens} rows",
             lambda: tg.FP8SoftcapMTPLoss.apply(xg, wg, targets, mtp).backward(),
             lambda: eager_loss(xg, wg).backward())
+    rows += _attention_rows()
     polar_express = torch.compile(tg.nesterov_polar_express, **tg.COMPILE_OPTIONS)
     for batch, m in ((40, 768), (24, 3072)):
         grad, buf = torch.randn(batch, m, 768, device="cuda"), torch.randn(batch, m, 768, device="cuda")
         add(f"Nesterov+Polar Express {batch}x{m}x768 (vs eager bf16)",
             lambda: polar_express(grad, buf, torch.tensor(0.95)),
             lambda: reference_polar_express(grad, buf, 0.95, torch.bfloat16, math_dtype=torch.bfloat16))
+    return rows
+
+
+def _attention_rows():
+    """FA4 against PyTorch's attention, forward + backward, per stage on one GPU's micro-batch: a plain
+    and a paired-heads layer at the short window, a plain one at the long (the model has those three)."""
+    if tg.attention_backend("auto", "cuda") != "fa4":
+        return []
+    rows, rng = [], np.random.default_rng(0)
+    scale = torch.tensor(128 ** -0.5, dtype=torch.float64)
+    for stage in tg.ALL_STAGES:
+        tokens = stage.batch_tokens // tg.SLOTS_PER_STEP
+        lengths = np.minimum(rng.lognormal(np.log(400), 1.0, tokens).astype(int) + 32, stage.max_seq_len)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        cu_seqlens = np.full(tg.max_num_docs(tokens), tokens, dtype=np.int32)
+        doc_starts = starts[starts < tokens][:len(cu_seqlens) - 1]
+        cu_seqlens[:len(doc_starts)] = doc_starts
+        cu_seqlens = torch.from_numpy(cu_seqlens).cuda()
+        for paired, blocks in ((False, stage.windows[0]), (True, stage.windows[0]), (False, stage.windows[1])):
+            heads, positions = (3, 2 * tokens) if paired else (6, tokens)
+            cu, max_len = (2 * cu_seqlens, 2 * stage.max_seq_len) if paired else (cu_seqlens, stage.max_seq_len)
+            q, k, v, grad = (_bf16(positions, heads, 128) for _ in range(4))
+            window = torch.tensor(tg.WINDOW_BLOCK * blocks, dtype=torch.int32)
+
+            def forward_backward(backend):
+                out, lse = tg.attention_forward(q, k, v, cu, max_len, window, scale, backend)
+                return tg.attention_backward(grad, q, k, v, out, lse, cu, max_len, window, scale, backend)
+            name = (f"attention fwd+bwd {stage.name}, {tokens} tokens, {'paired' if paired else 'plain'}, "
+                    f"window {tg.WINDOW_BLOCK * blocks} (FA4 vs PyTorch)")
+            rows.append((name, *(_median_us(lambda: forward_backward(backend)) for backend in ("fa4", "torch"))))
     return rows
 
 
