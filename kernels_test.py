@@ -524,10 +524,8 @@ def _attention_rows():
         tokens = stage.batch_tokens // tg.SLOTS_PER_STEP
         lengths = np.minimum(rng.lognormal(np.log(400), 1.0, tokens).astype(int) + 32, stage.max_seq_len)
         starts = np.concatenate([[0], np.cumsum(lengths)])
-        cu_seqlens = np.full(tg.max_num_docs(tokens), tokens, dtype=np.int32)
-        doc_starts = starts[starts < tokens][:len(cu_seqlens) - 1]
-        cu_seqlens[:len(doc_starts)] = doc_starts
-        cu_seqlens = torch.from_numpy(cu_seqlens).cuda()
+        buf = rng.integers(0, tg.GPT2_VOCAB_SIZE, tokens + 1).astype(np.int32)
+        cu_seqlens = tg.micro_batch(buf, starts[starts < tokens], "cuda", "bench").cu_seqlens  # padded as the loader's
         for paired, blocks in ((False, stage.windows[0]), (True, stage.windows[0]), (False, stage.windows[1])):
             heads, positions = (3, 2 * tokens) if paired else (6, tokens)
             cu, max_len = (2 * cu_seqlens, 2 * stage.max_seq_len) if paired else (cu_seqlens, stage.max_seq_len)
