@@ -541,28 +541,6 @@ def _attention_rows():
     return rows
 
 
-def _quack_mlp_rows(x, w, w_proj, tokens):
-    """The same MLP products through quack's CuTe DSL GEMMs with an activation epilogue (installed with
-    FlashAttention 4), a lead for the linear+ReLU² kernel. Its backward epilogue takes the pre-activation,
-    which the model does not keep (here a random one). A call that fails gives NaN and its error."""
-    try:
-        from quack.gemm_interface import gemm_act, gemm_dact
-    except ImportError:
-        return []
-    pre = _bf16(tokens, 3072)
-    calls = {f"linear+ReLU² fwd {tokens} quack gemm_act":
-             lambda: gemm_act(x, w.T, activation="relu_sq", store_preact=False),
-             f"linear+ReLU² bwd {tokens} quack gemm_dact (from the pre-activation)":
-             lambda: gemm_dact(x, w_proj.T, pre, activation="relu_sq")}
-    rows = []
-    for name, call in calls.items():
-        try:
-            rows.append((name, _median_us(call)))
-        except Exception as e:  # a third party's kernel: report it, keep the sweep going
-            rows.append((f"{name}: {type(e).__name__}: {str(e)[:80]}", float("nan")))
-    return rows
-
-
 def _sweep_rows():
     """Configurations and shapes behind the defaults and the cuBLAS dispatch (µs)."""
     rows = []
@@ -584,7 +562,6 @@ def _sweep_rows():
             rows.append((f"linear+ReLU² bwd {tokens} {cfg}",
                          _median_us(lambda: tg.linear_relu_square_backward(x, w_proj, post, **cfg))))
         rows.append((f"x @ w.T {tokens} (cuBLAS)", _median_us(lambda: x @ w.T)))
-        rows += _quack_mlp_rows(x, w, w_proj, tokens)
     qkv, cos, sin = qkv_inputs(49152, 6, 128, paired=True)
     grads = [_bf16(49152, 6, 128) for _ in range(3)]
     for cfg in (dict(block=16, num_warps=2), dict(block=32, num_warps=4), dict(block=32, num_warps=2),
