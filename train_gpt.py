@@ -319,13 +319,14 @@ def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
     files = validation_files(pattern, val_tokens)
-    tokens = np.concatenate([load_shard(f) for f in files])
+    shards = [load_shard(f) for f in files]
+    tokens, file_ends = np.concatenate(shards), np.cumsum([len(shard) for shard in shards])
     for step_start in range(0, val_tokens, step_tokens):
         for micro_step in range(grad_accum_steps):
             start = step_start + (micro_step * world_size + rank) * local_tokens
             buf = tokens[start:start + local_tokens + 1].astype(np.int32)
             doc_starts = np.union1d([0], np.flatnonzero(buf[:-1] == BOS_ID))
-            yield micro_batch(buf, doc_starts, device, files[0])
+            yield micro_batch(buf, doc_starts, device, files[np.searchsorted(file_ends, start, side="right")])
 
 # ----------------------------------------------------------------------------------------------
 # Kernels: the model's (Polar Express's symmetric products are with the optimizer)
@@ -2044,19 +2045,14 @@ def check_distinct_files(train_files, val_files):
                             "read twice. Remove one of them.")
 
 
-def check_validation_data(files, val_tokens):
-    """What validation reads, as validation_batches will: token ids, BOS tokens, documents per window."""
-    shards = [load_shard(path) for path in files]
-    for path, tokens in zip(files, shards):
-        if not np.any(tokens == BOS_ID):
+def check_validation_data(pattern, val_tokens):
+    """What validation reads: BOS tokens in every file, then every window through validation_batches."""
+    for path in validation_files(pattern, val_tokens):
+        if not np.any(load_shard(path) == BOS_ID):
             raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
                             "Fetch or generate it again.")
-    tokens = np.concatenate(shards)
-    file_ends = np.cumsum([len(t) for t in shards])
-    for start in range(0, val_tokens, VAL_LOCAL_TOKENS):
-        window = tokens[start:start + VAL_LOCAL_TOKENS]
-        documents = np.count_nonzero(window == BOS_ID) + (window[0] != BOS_ID)
-        check_doc_count(documents, VAL_LOCAL_TOKENS, files[np.searchsorted(file_ends, start, side="right")])
+    for _ in validation_batches(pattern, val_tokens, VAL_LOCAL_TOKENS, SLOTS_PER_STEP, device="cpu"):
+        pass
 
 
 def walk_batches(reader, stages, what):
@@ -2102,7 +2098,7 @@ def preflight(run):
     for path in train_files:  # every header and size, used or not
         check_shard(path)
     check_distinct_files(train_files, val_files)
-    check_validation_data(val_files, hp.val_tokens)
+    check_validation_data(hp.val_files, hp.val_tokens)
     reader = ShardReader(hp.train_files)  # one reader for every draw: the first shard is read once more at most
     try:
         shards, drawn = walk_batches(reader, [schedule.stage(step) for step in range(schedule.total)], "")

@@ -342,6 +342,21 @@ def test_preflight_walks_the_validation_windows(small_run, tmp_path):
         next(tg.validation_batches(small_run[3], tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
 
 
+def test_validation_names_the_file_of_a_window_with_too_many_documents(small_run, tmp_path):
+    """Validation over two files: a window in the second (documents of 300 tokens, 874 in 262,144) is
+    reported with that file's name, by the pre-flight and by the loader, which share the walk."""
+    half = tg.VAL_BATCH_TOKENS // 2
+    long_documents = np.concatenate([document(i, 2000) for i in range(half // 2000 + 1)])
+    synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", long_documents[:half])  # windows 0-3
+    short_documents = np.concatenate([document(i, 300) for i in range(half // 300 + 1)])
+    synthetic.write_shard(tmp_path / "fineweb_val_000001.bin", short_documents[:half + 1])  # windows 4-7
+    message = r"fineweb_val_000001.bin: a micro-batch of 262144 tokens holds 874 documents"
+    with pytest.raises(tg.DataError, match=message):
+        preflight(small_run)
+    with pytest.raises(tg.DataError, match=message):
+        list(tg.validation_batches(small_run[3], tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
+
+
 def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_run, tmp_path):
     """Training meets short documents at stage 1's and 2's shapes only; the compile workers and the CUDA
     graphs' capture draw stage 3's first micro-batch from the first shard, as --profile 3 does."""
