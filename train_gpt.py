@@ -320,6 +320,10 @@ def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
     files = validation_files(pattern, val_tokens)
     shards = [load_shard(f) for f in files]
+    for path, shard in zip(files, shards):
+        if not np.any(shard == BOS_ID):
+            raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
+                            "Fetch or generate it again.")
     tokens, file_ends = np.concatenate(shards), np.cumsum([len(shard) for shard in shards])
     for step_start in range(0, val_tokens, step_tokens):
         for micro_step in range(grad_accum_steps):
@@ -2046,11 +2050,7 @@ def check_distinct_files(train_files, val_files):
 
 
 def check_validation_data(pattern, val_tokens):
-    """What validation reads: BOS tokens in every file, then every window through validation_batches."""
-    for path in validation_files(pattern, val_tokens):
-        if not np.any(load_shard(path) == BOS_ID):
-            raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
-                            "Fetch or generate it again.")
+    """What validation reads, through validation_batches itself: token ids, BOS tokens, documents per window."""
     for _ in validation_batches(pattern, val_tokens, VAL_LOCAL_TOKENS, SLOTS_PER_STEP, device="cpu"):
         pass
 
