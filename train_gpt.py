@@ -1766,9 +1766,6 @@ class Schedule:
         ends = self.starts[1:] + [self.total]
         return [(stage.name, first, end) for stage, first, end in zip(ALL_STAGES, self.starts, ends) if end > first]
 
-    def stage_name(self, step):
-        return self.stage(step).name
-
     def stage_index(self, step):
         """The stage's index in ALL_STAGES: the extension is the last."""
         return sum(step >= s for s in self.starts[1:])
@@ -2462,7 +2459,6 @@ class TrainingClock:
 class Trainer:
     def __init__(self, run):
         self.run, self.schedule = run, run.schedule
-        self.hp, self.rank, self.world_size, self.device = run.hp, run.rank, run.world_size, run.device
         sparse = {"auto": run.world_size == 8 and run.grad_accum == 1, "on": True, "off": False}[run.hp.sparse_bigram]
         torch.manual_seed(run.hp.seed)
         self.model, self.compiled = build_model(run.hp, run.device)
@@ -2478,7 +2474,7 @@ class Trainer:
         self.graphs = None  # MicroBatchGraphs, captured after the warm-up (--cuda_graphs)
 
     def new_optimizer(self, rank, world_size, **options):
-        hp = self.hp
+        hp = self.run.hp
         return NorMuonAdam(self.model, rank, world_size, adam_lr=hp.adam_lr, adam_eps=hp.adam_eps,
                            adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr, muon_beta2=hp.muon_beta2,
                            muon_weight_decay=hp.muon_weight_decay, **options)
@@ -2568,14 +2564,14 @@ class Trainer:
     def validate(self, windows, val_batches=None):
         """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
         if val_batches is None:
-            val_batches = self.run.val_batches(self.hp.val_tokens)
-        total, count = torch.zeros((), device=self.device), 0
+            val_batches = self.run.val_batches(self.run.hp.val_tokens)
+        total, count = torch.zeros((), device=self.run.device), 0
         for batch in val_batches:
             total += run_eval_graph(self.compiled, batch, windows)
             count += 1
-        if self.world_size > 1:
+        if self.run.world_size > 1:
             dist.all_reduce(total)
-        return total.item() / (count * self.world_size)
+        return total.item() / (count * self.run.world_size)
 
     def start_compile_workers(self):
         """One worker process per graph after the main process's first (stage 1's training graph),
@@ -2584,7 +2580,7 @@ class Trainer:
         for _, first, _ in self.schedule.stage_ranges():
             stages.setdefault(graph_key(self.schedule.stage(first)), self.schedule.stage(first))
         jobs = [(key, stage) for key, stage in list(stages.items())[1:]] + [("eval", None)]
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)) * (len(jobs) + 1)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.world_size)) * (len(jobs) + 1)
         threads = max(1, (os.cpu_count() or 1) // processes)
         context = multiprocessing.get_context("spawn")
         return {key: CompileWorker(context, "the evaluation graph" if stage is None else
@@ -2609,18 +2605,18 @@ class Trainer:
         Meanwhile worker processes compile the later graphs (--parallel_compile)."""
         initial_model = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         initial_optimizer = self.optimizer.state_dict()
-        marker = warm_cache_marker(self.model.attention_backend, self.world_size)
+        marker = warm_cache_marker(self.model.attention_backend, self.run.world_size)
         warm = os.path.exists(marker)
-        parallel = {"on": True, "off": False, "auto": not warm}[self.hp.parallel_compile]
+        parallel = {"on": True, "off": False, "auto": not warm}[self.run.hp.parallel_compile]
         log(f"warm-up: {'compile workers' if parallel else 'no compile workers'} (--parallel_compile "
-            f"{self.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
+            f"{self.run.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
         workers = self.start_compile_workers() if parallel else {}
         try:
             val_batch = [next(self.run.val_batches(VAL_BATCH_TOKENS))]
             loader = self.loader()
             for step in self.schedule.warmup_steps():
                 stage = self.schedule.stage(step)
-                log(f"warm-up step {step} ({self.schedule.stage_name(step)}): "
+                log(f"warm-up step {step} ({self.schedule.stage(step).name}): "
                     f"{time.perf_counter() - launch_time:.0f}s since launch")
                 before = compile_snapshot()
                 self.apply_yarn(step)
@@ -2641,7 +2637,7 @@ class Trainer:
         self.optimizer.load_state_dict(initial_optimizer)
         self.model.rotary.reset()
         loader.close()
-        if self.hp.cuda_graphs:
+        if self.run.hp.cuda_graphs:
             self.graphs = self.capture_graphs(log)
         log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
         log("Resetting Model")
@@ -2654,7 +2650,7 @@ class Trainer:
         self.warmup(log, launch_time)
         self.log_launch_costs(log)
         self.emulate_eight_gpus(log)
-        first = self.schedule.starts[self.hp.profile - 1]
+        first = self.schedule.starts[self.run.hp.profile - 1]
         self.prepare_stage(first, self.optimizer)
         loader = self.loader(first)
         batches = [next(loader) for _ in range(self.run.grad_accum)]
@@ -2676,12 +2672,12 @@ class Trainer:
         optimizer = [(e.time_range.start, e.time_range.end) for e in gpu
                      if e.is_user_annotation and e.name == "optimizer"]
         span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
-        log(f"profile of {self.schedule.stage_name(first)}, steps {profiled[0]}-{profiled[-1]}, rank {self.rank}: "
+        log(f"profile of {self.schedule.stage(first).name}, steps {profiled[0]}-{profiled[-1]}, rank {self.run.rank}: "
             "GPU time per step")
         log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
         for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
             log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
-        trace = trace_path(self.hp.run_id, self.rank)
+        trace = trace_path(self.run.hp.run_id, self.run.rank)
         prof.export_chrome_trace(trace)
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
 
@@ -2756,12 +2752,12 @@ class Trainer:
         schedule, total_steps = self.schedule, self.schedule.total
         loader = self.loader()
         graphs_after_warmup = counters["stats"]["unique_graphs"]
-        clock = TrainingClock(total_steps, log, f"Lower the learning rates (--adam_lr {self.hp.adam_lr}, --muon_lr "
-                                                f"{self.hp.muon_lr}) or check the data.")
+        clock = TrainingClock(total_steps, log, f"Lower the learning rates (--adam_lr {self.run.hp.adam_lr}, --muon_lr "
+                                                f"{self.run.hp.muon_lr}) or check the data.")
         batches = self.micro_batches(loader, 0)
         for step in range(total_steps + 1):
             last = step == total_steps
-            validating = last or (self.hp.val_loss_every and step % self.hp.val_loss_every == 0)
+            validating = last or (self.run.hp.val_loss_every and step % self.run.hp.val_loss_every == 0)
             new_stage = 0 < step < total_steps and schedule.stage_index(step) != schedule.stage_index(step - 1)
             if clock.running and (validating or new_stage):
                 clock.stop()
@@ -2788,8 +2784,8 @@ class Trainer:
                 "warm-up: the step times above include their compilation (Schedule.warmup_steps misses a path)")
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-        if self.hp.save_checkpoint:
-            path = checkpoint_path(self.hp.run_id, self.rank)
+        if self.run.hp.save_checkpoint:
+            path = checkpoint_path(self.run.hp.run_id, self.run.rank)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
             log(f"saved {path} (and one per rank)")
 
