@@ -2081,9 +2081,10 @@ def other_draws(hp, schedule):
     draws = [(" of the warm-up", [schedule.stage(step) for step in schedule.warmup_steps()])]
     draws += [(f" of {name}'s first micro-batch", [schedule.stage(first)])
               for name, first, _ in schedule.stage_ranges()]
-    if hp.profile:
+    if hp.profile:  # its steps and the prefetch after the last, as Trainer.profile draws them
+        first = schedule.starts[hp.profile - 1]
         draws.append((f" of --profile {hp.profile}",
-                      [schedule.stage(schedule.starts[hp.profile - 1])] * (PROFILE_WARM_STEPS + PROFILE_STEPS + 1)))
+                      [schedule.stage(first + i) for i in range(PROFILE_WARM_STEPS + PROFILE_STEPS + 1)]))
     return draws
 
 
@@ -2661,7 +2662,7 @@ class Trainer:
             nonlocal batches
             for step in steps:
                 self.train_step(step, batches)
-                batches = [next(loader) for _ in range(self.run.grad_accum)]
+                batches = self.micro_batches(loader, step + 1)
             torch.cuda.synchronize()
         run(warm)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -752,6 +752,15 @@ def test_kernel_categories():
     assert [tg.kernel_category(name, in_optimizer) for name, in_optimizer, _ in cases] == [c[2] for c in cases]
 
 
+def test_preflight_plans_the_profiles_prefetch_at_the_next_stage_when_the_stage_ends():
+    """--profile 2 on a stage of exactly six steps: after the last, Trainer.profile prefetches the first
+    micro-batches of stage 3, at stage 3's larger shapes, and the pre-flight walks that draw as such."""
+    hp = tg.parse_args(["--profile", "2", "--num_scheduled_iterations", "18"])[0]
+    what, stages = tg.other_draws(hp, tg.Schedule(18, 0))[-1]
+    assert what == " of --profile 2"
+    assert [stage.name for stage in stages] == ["stage 2"] * 6 + ["stage 3"]
+
+
 def test_profile_table_counts_overlaps_once_and_the_idle_time():
     kernels = [("nvjet_tst_NNN", 0, 400), ("triton_poi_fused_0", 300, 500),  # two streams overlap by 100
                ("_softcap_ce_kernel", 600, 700), ("triton_poi_fused_lerp", 800, 1000)]
