@@ -210,7 +210,8 @@ class ShardReader:
         """Switch to the next shard (already loading) and start loading the one after it."""
         if self.next_load is None:
             raise OutOfTrainingData(f"Ran out of training data after {self.path}: the schedule needs more tokens "
-                                    f"than {self.pattern!r} holds ({len(self.files)} shards). Add shards: {FETCH_HINT}.")
+                                    f"than {self.pattern!r} holds ({len(self.files)} shards). "
+                                    f"Add shards: {FETCH_HINT}.")
         self.path = self.files[self.next_index]
         self.array = self.next_load.result()
         self.next_index += 1
@@ -223,8 +224,9 @@ class ShardReader:
         if self.bos.size < 2 and not self.bos_complete:
             self.bos, self.bos_complete = self.full_bos.result(), True
         if self.bos.size < 2:
-            raise DataError(f"{self.path} holds {self.bos.size} BOS tokens ({BOS_ID}), so no complete document: every "
-                            "document must start with BOS. It is not a FineWeb-format shard: fetch or generate it again.")
+            raise DataError(f"{self.path} holds {self.bos.size} BOS tokens ({BOS_ID}), so no complete document: "
+                            "every document must start with BOS. It is not a FineWeb-format shard: fetch or generate "
+                            "it again.")
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
