@@ -1863,6 +1863,9 @@ class Hyperparameters:
 
 PROFILE_WARM_STEPS, PROFILE_STEPS = 2, 4  # --profile N runs this many steps of stage N, then profiles these
 MAX_LEARNING_RATE = 10.0  # far above any that trains (the defaults are 0.008 and 0.023): larger ones are typos
+# Adam computes in float32: a smaller epsilon is 0 there or a subnormal (which GPU arithmetic may flush
+# to 0), and every parameter whose gradient is 0 (a table row no token touched) would get 0/0 = NaN
+MIN_ADAM_EPS = torch.finfo(torch.float32).tiny
 MAX_RUN_ID_CHARS = 200  # the longest file a run names, <run_id>_rank7_trace.json, stays within 255 bytes
 CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off"),
            "parallel_compile": ("auto", "on", "off")}
@@ -1943,8 +1946,10 @@ def check_arguments(hp, world_size):
     for name in ("adam_lr", "muon_lr"):
         if not 0 < getattr(hp, name) <= MAX_LEARNING_RATE:
             problems.append(f"--{name} must be a positive number up to {MAX_LEARNING_RATE:g}, not {getattr(hp, name)}")
-    if not hp.adam_eps > 0 or math.isinf(hp.adam_eps):
-        problems.append(f"--adam_eps must be a positive number, not {hp.adam_eps}")
+    if not MIN_ADAM_EPS <= hp.adam_eps < math.inf:
+        problems.append(f"--adam_eps must be a finite number of at least {MIN_ADAM_EPS:.3g} (float32's smallest "
+                        "normal number: below it Adam's float32 arithmetic may make it 0, and a zero gradient's "
+                        f"update 0/0), not {hp.adam_eps}")
     for name in ("adam_weight_decay", "muon_weight_decay"):
         if not getattr(hp, name) >= 0 or math.isinf(getattr(hp, name)):
             problems.append(f"--{name} must be 0 or a positive number, not {getattr(hp, name)}")

@@ -538,7 +538,10 @@ def test_help_describes_every_flag(capsys):
     (["--muon_lr", "nan"], 1, "--muon_lr must be a positive number up to 10, not nan"),
     (["--adam_lr", "0"], 1, "--adam_lr must be a positive number up to 10, not 0.0"),
     (["--adam_lr", "1e300"], 1, "--adam_lr must be a positive number up to 10, not 1e"),
-    (["--adam_eps", "inf"], 1, "--adam_eps must be a positive number, not inf"),
+    (["--adam_eps", "inf"], 1, r"--adam_eps must be a finite number of at least 1.18e-38 \(float32's smallest "),
+    (["--adam_eps", "0"], 1, r"--adam_eps must be a finite number of at least 1.18e-38 .*not 0.0"),
+    (["--adam_eps", "1e-300"], 1, r"--adam_eps must be a finite number of at least 1.18e-38 .*make it 0, and a zero "
+                                  r"gradient's update 0/0\), not 1e-300"),
     (["--seed", "18446744073709551616"], 1, r"--seed must lie in \[0, 2\^64\)"),
     (["--seed", "-1"], 1, r"--seed must lie in \[0, 2\^64\)"),
     (["--muon_weight_decay", "-1"], 1, "--muon_weight_decay must be 0 or a positive number, not -1.0"),
@@ -556,8 +559,17 @@ def test_bad_arguments(argv, world_size, message):
 
 def test_good_arguments_pass():
     hp, _ = tg.parse_args(["--sparse_bigram", "on", "--run_id", "my-run_1.2", "--num_scheduled_iterations", "3",
-                           "--num_extension_iterations", "0", "--val_loss_every", "0"])
+                           "--num_extension_iterations", "0", "--val_loss_every", "0", "--adam_eps", "1.2e-38"])
     tg.check_arguments(hp, 2)
+
+
+def test_an_adam_epsilon_that_float32_rounds_to_0_turns_untouched_parameters_nan():
+    """Why --adam_eps has a floor: below float32's range the update of a zero gradient is 0/0."""
+    for eps, nan_where_zero in ((tg.MIN_ADAM_EPS, False), (1e-300, True)):
+        p, grad = torch.ones(4), torch.tensor([0.0, 1.0, 0.0, 2.0])
+        tg.adam_update(p, grad, torch.zeros(4), torch.zeros(4), torch.tensor(1.0), torch.tensor(0.01),
+                       torch.tensor(0.0), 0.9, 0.95, eps)
+        assert torch.isnan(p).tolist() == [nan_where_zero, False, nan_where_zero, False]
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 6, 16])
