@@ -28,7 +28,8 @@ DEVICE = "cuda" if GPU else "cpu"
 DTYPE = torch.bfloat16 if GPU else torch.float32
 # Relative-error bound: bf16 operands on GPU; fp32 in the interpreter.
 TOL = 1e-2 if GPU else 1e-5
-needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (FP8 scaled matmul / torch.compile with Triton kernels)")
+needs_gpu = pytest.mark.skipif(not GPU,
+                               reason="needs a CUDA GPU (FP8 scaled matmul / torch.compile with Triton kernels)")
 
 
 def gpu_or_cpu(gpu_cases, cpu_cases):

@@ -78,7 +78,8 @@ def test_rotary_is_a_complex_rotation():
     rot = tg.Rotary(head_dim=128, max_len=300, device="cpu")
     x = torch.randn(300, 2, 128)
     out = tg.rotate(x, rot.cos.float(), rot.sin.float())
-    freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, 32, dtype=torch.float64), torch.zeros(32, dtype=torch.float64)])
+    freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, 32, dtype=torch.float64),
+                       torch.zeros(32, dtype=torch.float64)])
     angles = torch.arange(300, dtype=torch.float64)[:, None, None] * freqs
     z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous()) * torch.exp(-1j * angles)
     ref = torch.view_as_real(z).flatten(-2)
@@ -100,7 +101,8 @@ def test_yarn_update():
     angles = torch.arange(64)[:, None] * rot.freqs
     assert torch.allclose(rot.cos[:, 0].float(), angles.cos(), atol=4e-3)
     rot.yarn(896, 1408)
-    assert rot.attn_scale.item() == pytest.approx(0.1 * (0.2 * math.log(896 / 384) + 1) * (0.2 * math.log(1408 / 896) + 1))
+    twice_stretched = 0.1 * (0.2 * math.log(896 / 384) + 1) * (0.2 * math.log(1408 / 896) + 1)
+    assert rot.attn_scale.item() == pytest.approx(twice_stretched)
     scale = rot.attn_scale
     rot.reset()
     assert torch.equal(rot.freqs, old_freqs) and rot.attn_scale.item() == 0.1
@@ -587,7 +589,8 @@ def test_launch_environment_must_be_numbers(monkeypatch, name, value):
 
 @pytest.mark.parametrize("env,message", [(dict(RANK="5", WORLD_SIZE="2"), "RANK=5 is not below WORLD_SIZE=2"),
                                          (dict(RANK="1"), "RANK=1 is not below WORLD_SIZE=1"),
-                                         (dict(LOCAL_RANK="9", WORLD_SIZE="8"), "LOCAL_RANK=9 is not below WORLD_SIZE=8")])
+                                         (dict(LOCAL_RANK="9", WORLD_SIZE="8"),
+                                          "LOCAL_RANK=9 is not below WORLD_SIZE=8")])
 def test_ranks_must_lie_below_the_world_size(monkeypatch, env, message):
     for name, value in env.items():
         monkeypatch.setenv(name, value)

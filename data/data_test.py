@@ -230,7 +230,8 @@ def small_run(tmp_path):
     synthetic.main(["--out", str(tmp_path), "--train_shards", "2", "--shard_tokens", "1000000",
                     "--val_tokens", str(tg.VAL_BATCH_TOKENS + 1)])
     return ["--train_files", str(tmp_path / "fineweb_train_*.bin"), "--val_files", str(tmp_path / "fineweb_val_*.bin"),
-            "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3", "--num_extension_iterations", "0"]
+            "--val_tokens", str(tg.VAL_BATCH_TOKENS), "--num_scheduled_iterations", "3",
+            "--num_extension_iterations", "0"]
 
 
 def preflight(argv, world_size=1):
@@ -304,7 +305,8 @@ def test_preflight_needs_enough_validation_tokens(small_run):
 
 def test_preflight_refuses_overlapping_train_and_val_files(small_run, tmp_path):
     with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin \(--train_files\) and .*fineweb_train_000001.bin "
-                                           r"\(--val_files\) hold the same data .*validation would score training tokens"):
+                                           r"\(--val_files\) hold the same data .*validation would score training "
+                                           r"tokens"):
         preflight(small_run + ["--val_files", str(tmp_path / "fineweb_*.bin")])
 
 
@@ -406,7 +408,8 @@ def test_the_data_scripts_read_shards_as_train_gpt_does(tmp_path):
     header = np.frombuffer(raw[:tg.HEADER_BYTES], dtype="<i4").copy()
     broken = {"truncated.bin": raw[:-2], "short.bin": raw[:101], "empty.bin": b"",
               "magic.bin": np.concatenate([[7], header[1:]]).astype("<i4").tobytes() + raw[tg.HEADER_BYTES:],
-              "version.bin": np.concatenate([header[:1], [2], header[2:]]).astype("<i4").tobytes() + raw[tg.HEADER_BYTES:]}
+              "version.bin": (np.concatenate([header[:1], [2], header[2:]]).astype("<i4").tobytes()
+                              + raw[tg.HEADER_BYTES:])}
     for name, content in broken.items():
         (tmp_path / name).write_bytes(content)
     os.mkdir(tmp_path / "folder.bin")
@@ -556,8 +559,8 @@ def test_synthetic_write_failure_leaves_nothing_behind(tmp_path):
             "sys.exit(synthetic.main(['--out', sys.argv[2], '--val_tokens', '3000000', '--train_shards', '1']))")
     out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "data"), str(tmp_path)],
                          capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr == (f"error: cannot write {tmp_path / 'fineweb_val_000000.bin'} (File too "
-                                                  "large): check the folder and the free disk space\n")
+    assert out.returncode == 1 and out.stderr == (f"error: cannot write {tmp_path / 'fineweb_val_000000.bin'} "
+                                                  "(File too large): check the folder and the free disk space\n")
     assert os.listdir(tmp_path) == []
 
 
