@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import train_gpt as tg
 
 GPU = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: train_gpt.py, run.sh, data/
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 TINY = dict(vocab_size=512, num_heads=6, head_dim=16, model_dim=96, max_len=512)
 
@@ -629,7 +630,7 @@ def test_check_refuses_fa4_where_it_does_not_import(monkeypatch):
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Synthetic shards for a 3 + 0 step schedule (about 0.8M tokens) and 2,097,152 val tokens."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    sys.path.insert(0, os.path.join(ROOT, "data"))
     import synthetic
     root = tmp_path_factory.mktemp("small_data")
     synthetic.main(["--out", str(root), "--train_shards", "2", "--shard_tokens", "1000000",
@@ -660,10 +661,12 @@ def test_a_used_run_id_is_refused(small_data, tmp_path, monkeypatch):
         tg.main(small_data + ["--run_id", "taken", "--check"])
 
 
-def run_script(args, cwd, stdout=None, **env):
-    """train_gpt.py in a process of its own; its output is captured unless stdout is given."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt.py")
-    return subprocess.run([sys.executable, script, *args], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
+def run_script(args, cwd, stdout=None, program=None, **env):
+    """train_gpt.py in a process of its own, or program, which can import it; its output is captured
+    unless stdout is given."""
+    script = os.path.join(ROOT, "train_gpt.py")
+    command = ["-c", f"import sys\nsys.path.insert(0, {ROOT!r})\n{program}"] if program else [script]
+    return subprocess.run([sys.executable, *command, *args], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, cwd=cwd, env={**os.environ, **env})
 
 
@@ -701,7 +704,7 @@ def test_importing_changes_no_setting():
     """Importing the script leaves the environment and torch's compiler settings alone: main and the
     compile workers make them, through configure_torch()."""
     out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     on_import, on_configure = json.loads(out.stdout.splitlines()[-1])
     assert on_import == [] and on_configure == ["environment", "dynamo", "functorch"]
@@ -823,7 +826,7 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
         print(counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_bypass"])
     """
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", program, os.path.dirname(os.path.abspath(__file__))],
+    runs = [subprocess.run([sys.executable, "-c", program, ROOT],
                            capture_output=True, text=True, env=env) for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
@@ -846,7 +849,7 @@ def test_compile_worker_failures_are_one_line():
 def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
     """run.sh with --train_files starts torchrun at once (here 2 processes on the CPU, --check): the
     FineWeb download, which cannot succeed on a machine without the Hub, is not attempted."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.sh")
+    script = os.path.join(ROOT, "run.sh")
     out = subprocess.run(["bash", script, *small_data, "--check"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "NPROC": "2", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
@@ -862,7 +865,7 @@ def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
 ])
 def test_run_sh_errors_are_one_line(small_data, tmp_path, nproc, args, message):
     """Before torchrun: its report of a failed child would bury the message."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.sh")
+    script = os.path.join(ROOT, "run.sh")
     out = subprocess.run(["bash", script, *small_data, *args], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "NPROC": nproc, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith(f"error: {message}"), out.stderr
@@ -873,10 +876,8 @@ def test_constraints_pin_every_requirement_within_its_range():
     """constraints.txt is the tested set: every package the requirement files name has a pin there,
     and the pin satisfies the range."""
     from packaging.requirements import Requirement
-    root = os.path.dirname(os.path.abspath(__file__))
-
     def lines(name):
-        with open(os.path.join(root, name)) as f:
+        with open(os.path.join(ROOT, name)) as f:
             return [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
     pins = {}
     for line in lines("constraints.txt"):
@@ -971,9 +972,8 @@ def test_cuda_graphs_give_the_losses_of_the_plain_step(small_data, tmp_path):
     # check_arguments refuses so large a rate up front; this run lifts its cap to reach the stop in training
     lifted_cap = ("import sys, train_gpt\ntrain_gpt.MAX_LEARNING_RATE = float('inf')\ntry:\n    train_gpt.main()\n"
                   "except train_gpt.TrainingError as e:\n    sys.exit(f'error: {e}')")
-    out = subprocess.run([sys.executable, "-c", lifted_cap, *small_data, "--num_extension_iterations", "1",
-                          "--muon_lr", "1e30", "--run_id", "blowup"], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))})
+    out = run_script(small_data + ["--num_extension_iterations", "1", "--muon_lr", "1e30", "--run_id", "blowup"],
+                     tmp_path, program=lifted_cap)
     assert out.returncode == 1 and re.match(r"error: the training loss is (nan|inf) at step [0-3]: stopping\. Lower "
                                             r"the learning rates", out.stderr), out.stderr[-3000:]
 
