@@ -11,7 +11,6 @@ masking and symmetry; what truly needs a GPU is skipped with the reason.
 import os
 import sys
 
-import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -519,14 +518,12 @@ def _attention_rows():
     and a paired-heads layer at the short window, a plain one at the long (the model has those three)."""
     if tg.attention_backend("auto", "cuda") != "fa4":
         return []
-    rows, rng = [], np.random.default_rng(0)
+    from train_test import fineweb_like_batch  # the loader's documents and padding, as the model tests use
+    rows = []
     scale = torch.tensor(128 ** -0.5, dtype=torch.float64)
     for stage in tg.ALL_STAGES:
         tokens = stage.batch_tokens // tg.SLOTS_PER_STEP
-        lengths = np.minimum(rng.lognormal(np.log(400), 1.0, tokens).astype(int) + 32, stage.max_seq_len)
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        buf = rng.integers(0, tg.GPT2_VOCAB_SIZE, tokens + 1).astype(np.int32)
-        cu_seqlens = tg.micro_batch(buf, starts[starts < tokens], "cuda", "bench").cu_seqlens  # padded as the loader's
+        cu_seqlens = fineweb_like_batch(tokens, stage.max_seq_len).cu_seqlens
         for paired, blocks in ((False, stage.windows[0]), (True, stage.windows[0]), (False, stage.windows[1])):
             heads, positions = (3, 2 * tokens) if paired else (6, tokens)
             cu, max_len = (2 * cu_seqlens, 2 * stage.max_seq_len) if paired else (cu_seqlens, stage.max_seq_len)

@@ -901,7 +901,7 @@ def fineweb_like_batch(local_tokens, max_seq_len, seed=0):
     lengths = np.minimum(rng.lognormal(np.log(400), 1.0, local_tokens // 32).astype(int) + 32, max_seq_len)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     starts = starts[starts <= local_tokens]
-    buf = rng.integers(0, 50257, local_tokens + 1).astype(np.int32)
+    buf = rng.integers(0, tg.GPT2_VOCAB_SIZE, local_tokens + 1).astype(np.int32)
     buf[starts[starts < local_tokens + 1]] = tg.BOS_ID
     return tg.micro_batch(buf, starts[starts < local_tokens], "cuda", "test")
 
