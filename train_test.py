@@ -672,17 +672,22 @@ def run_script(args, cwd, stdout=None, program=None, **env):
 
 IMPORT_PROBE = """
 import json, os, torch, torch._dynamo.config, torch._functorch.config, torch._inductor.config
+from torch._inductor.choices import InductorChoices
 os.environ.pop("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", None)
 def settings():
     return (dict(os.environ), torch._dynamo.config.get_config_copy(), torch._functorch.config.get_config_copy(),
-            torch._inductor.config.get_config_copy())
+            torch._inductor.config.get_config_copy(), InductorChoices.should_use_persistent_reduction)
 def changed(before, after):
-    return [name for name, a, b in zip(("environment", "dynamo", "functorch", "inductor"), before, after) if a != b]
+    names = ("environment", "dynamo", "functorch", "inductor", "inductor choices")
+    return [name for name, a, b in zip(names, before, after) if a != b]
 before = settings()
 import train_gpt
 imported = settings()
 train_gpt.configure_torch()
-print(json.dumps([changed(before, imported), changed(imported, settings())]))
+configured = settings()
+train_gpt.configure_torch()  # again: the same settings, the choice wrapped once
+print(json.dumps([changed(before, imported), changed(imported, configured),
+                  InductorChoices.should_use_persistent_reduction.default is before[-1]]))
 """
 
 
@@ -706,8 +711,9 @@ def test_importing_changes_no_setting():
     out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    on_import, on_configure = json.loads(out.stdout.splitlines()[-1])
-    assert on_import == [] and on_configure == ["environment", "dynamo", "functorch"]
+    on_import, on_configure, wrapped_once = json.loads(out.stdout.splitlines()[-1])
+    assert on_import == [] and on_configure == ["environment", "dynamo", "functorch", "inductor choices"]
+    assert wrapped_once
 
 
 def test_script_errors_are_one_line(small_data, tmp_path):
@@ -829,6 +835,46 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", program, ROOT],
                            capture_output=True, text=True, env=env) for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
+
+
+NORM_BACKWARD_PROBE = """if True:
+    import json, re, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    import train_gpt as tg
+    from torch._inductor.utils import run_and_get_code
+    if sys.argv[2] == "configured":
+        tg.configure_torch()
+
+    def loss(x, gate):  # a norm whose output feeds a gate through its first columns, as the model's do
+        h = tg.norm(x)
+        return (h * torch.sigmoid(h[:, :tg.GATE_DIM] @ gate.mT).sum(-1, keepdim=True)).float().square().sum()
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gate = torch.randn(6, tg.GATE_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    _, code = run_and_get_code(lambda: torch.compile(loss, fullgraph=True, dynamic=False)(x, gate).backward())
+    x64, gate64 = (t.detach().double().requires_grad_() for t in (x, gate))
+    loss(x64, gate64).backward()
+    errors = [((t.grad.double() - ref.grad).norm() / ref.grad.norm()).item() for t, ref in ((x, x64), (gate, gate64))]
+    print(json.dumps([sorted(set(re.findall(r"def (triton_\\w+rms_norm_backward\\w*)\\(", "".join(code)))), errors]))
+"""
+
+
+@needs_gpu
+def test_gated_norm_backward_holds_its_rows_in_registers(tmp_path):
+    """Inductor compiles the backward of a norm whose output also feeds a gate as a looped reduction
+    (two passes over every row) by default, and as a persistent one (one pass) with the script's
+    settings (configure_torch); its gradients match float64's."""
+    kernels = {}
+    for setting in ("default", "configured"):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / setting)}  # compile, not load
+        out = subprocess.run([sys.executable, "-c", NORM_BACKWARD_PROBE, ROOT, setting], capture_output=True,
+                             text=True, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        kernels[setting], errors = json.loads(out.stdout.splitlines()[-1])
+        assert max(errors) < 2e-2, (setting, errors)
+    assert any(k.startswith("triton_red_") for k in kernels["default"]), kernels
+    assert kernels["configured"] and all(k.startswith("triton_per_") for k in kernels["configured"]), kernels
 
 
 def test_compile_worker_failures_are_one_line():
