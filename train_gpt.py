@@ -1809,6 +1809,7 @@ class Schedule:
 
 
 PERSISTENT_ROW_MAX = 1024  # Inductor's own limit on a row it holds in registers for a reduction along it
+CACHE_KEY_TAG = "+persistent-row-reductions"  # appended to any tag of the user's
 
 
 def persistent_row_reductions(default):
@@ -1840,12 +1841,14 @@ def configure_torch():
     # A norm backward that also adds a gate's gradient reads that (T, GATE_DIM) slice at row stride
     # GATE_DIM; Inductor then marks the whole kernel DEFAULT and loops over every row twice. Held in
     # registers, the looped norm backwards of a stage-3 micro-batch drop from 2.8 to 0.3 ms on one H200.
-    # Inductor's cache key does not include this choice: compare against the default in separate
-    # TORCHINDUCTOR_CACHE_DIRs.
     from torch._inductor.choices import InductorChoices
     default = InductorChoices.should_use_persistent_reduction
     InductorChoices.should_use_persistent_reduction = staticmethod(
         persistent_row_reductions(getattr(default, "default", default)))  # wrapped once, however often called
+    # The compile caches' keys do not see that choice: a tag in them keeps graphs compiled without it
+    # (by an earlier version of this script) from being loaded.
+    if not torch.compiler.config.cache_key_tag.endswith(CACHE_KEY_TAG):
+        torch.compiler.config.cache_key_tag += CACHE_KEY_TAG
 
 
 def hyperparameter(default, help, shown_default=None):

@@ -676,9 +676,10 @@ from torch._inductor.choices import InductorChoices
 os.environ.pop("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", None)
 def settings():
     return (dict(os.environ), torch._dynamo.config.get_config_copy(), torch._functorch.config.get_config_copy(),
-            torch._inductor.config.get_config_copy(), InductorChoices.should_use_persistent_reduction)
+            torch._inductor.config.get_config_copy(), torch.compiler.config.get_config_copy(),
+            InductorChoices.should_use_persistent_reduction)
 def changed(before, after):
-    names = ("environment", "dynamo", "functorch", "inductor", "inductor choices")
+    names = ("environment", "dynamo", "functorch", "inductor", "compiler", "inductor choices")
     return [name for name, a, b in zip(names, before, after) if a != b]
 before = settings()
 import train_gpt
@@ -686,7 +687,7 @@ imported = settings()
 train_gpt.configure_torch()
 configured = settings()
 train_gpt.configure_torch()  # again: the same settings, the choice wrapped once
-print(json.dumps([changed(before, imported), changed(imported, configured),
+print(json.dumps([changed(before, imported), changed(imported, configured), changed(configured, settings()),
                   InductorChoices.should_use_persistent_reduction.default is before[-1]]))
 """
 
@@ -711,9 +712,9 @@ def test_importing_changes_no_setting():
     out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    on_import, on_configure, wrapped_once = json.loads(out.stdout.splitlines()[-1])
-    assert on_import == [] and on_configure == ["environment", "dynamo", "functorch", "inductor choices"]
-    assert wrapped_once
+    on_import, on_configure, on_configure_again, wrapped_once = json.loads(out.stdout.splitlines()[-1])
+    assert on_import == [] and on_configure == ["environment", "dynamo", "functorch", "compiler", "inductor choices"]
+    assert on_configure_again == ["inductor choices"] and wrapped_once  # a new wrapper of the same default
 
 
 def test_script_errors_are_one_line(small_data, tmp_path):
@@ -835,6 +836,29 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
     runs = [subprocess.run([sys.executable, "-c", program, ROOT],
                            capture_output=True, text=True, env=env) for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
+
+
+def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
+    """Inductor's cache keys do not see configure_torch's choice of persistent reductions, so its tag
+    must: a graph cached by a process without the script's settings is compiled again under them,
+    and then loaded by the next process that has them."""
+    program = """if True:
+        import sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import train_gpt
+        from torch._dynamo.utils import counters
+        if sys.argv[2] == "configured":
+            train_gpt.configure_torch()
+        torch.compile(lambda x: train_gpt.norm(x).sum(), dynamic=False)(torch.randn(4, 8))
+        print(counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"])
+    """
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    hits = []
+    for setting in ("default", "configured", "configured"):
+        run = subprocess.run([sys.executable, "-c", program, ROOT, setting], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        hits.append(int(run.stdout.split()[-1]))
+    assert hits[:2] == [0, 0] and hits[2] > 0, hits  # loaded only by a process of the same settings
 
 
 NORM_BACKWARD_PROBE = """if True:
