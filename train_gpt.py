@@ -2415,6 +2415,21 @@ def profile_table(kernels, optimizer_ranges, span, steps):
     return rows
 
 
+PROFILE_TOP_KERNELS, KERNEL_NAME_WIDTH = 12, 100  # --profile lists this many kernels, names cut to this width
+
+
+def top_kernels(kernels, steps, n=PROFILE_TOP_KERNELS):
+    """The n kernels of most GPU time by name, from (name, start, end) in microseconds: rows (name, ms
+    per step, launches per step, microseconds per launch). The categories say what kind of work, this
+    which kernel (an Inductor kernel's name lists the operations it fused)."""
+    totals, launches = collections.Counter(), collections.Counter()
+    for name, start, end in kernels:
+        totals[name] += end - start
+        launches[name] += 1
+    return [(name, total / steps / 1000, launches[name] / steps, total / launches[name])
+            for name, total in totals.most_common(n)]
+
+
 SLEEP_CYCLES = 400_000_000  # about 0.2 s of an H100's or H200's clock: far longer than launching a step
 
 
@@ -2714,6 +2729,9 @@ class Trainer:
         log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
         for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
             log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
+        log(f"{'ms/step':>9}{'launches':>9}{'us each':>9}  largest kernels")
+        for name, ms, count, us in top_kernels(kernels, profiled_steps):
+            log(f"{ms:>9.1f}{count:>9.0f}{us:>9.1f}  {name[:KERNEL_NAME_WIDTH]}")
         trace = trace_path(self.run.hp.run_id, self.run.rank)
         prof.export_chrome_trace(trace)
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")

@@ -794,6 +794,13 @@ def test_profile_table_counts_overlaps_once_and_the_idle_time():
     assert rows["idle (no kernel running)"] == (0.1, 0.2, 0) and rows["step"] == (0.5, 1.0, 2)
 
 
+def test_top_kernels_sum_each_name_per_step():
+    kernels = [("nvjet_tst_NNN", 0, 400), ("triton_red_fused_1", 400, 460), ("triton_red_fused_1", 500, 540),
+               ("nvjet_tst_NNN", 600, 1000), ("triton_poi_fused_0", 1000, 1010)]
+    assert tg.top_kernels(kernels, steps=2, n=2) == [("nvjet_tst_NNN", 0.4, 1.0, 400.0),
+                                                     ("triton_red_fused_1", 0.05, 1.0, 50.0)]
+
+
 def test_describe_compile_splits_a_compile():
     before = tg.compile_snapshot()
     fresh = float(np.random.default_rng().integers(1, 2**30))  # a constant no cache has seen: a cold compile
