@@ -2395,15 +2395,21 @@ def kernel_category(name, in_optimizer):
     return next((c for c, patterns in KERNEL_CATEGORIES if any(p in lowered for p in patterns)), "other")
 
 
+def gpu_time_by(kernels, keys):
+    """(GPU microseconds, launches) per key, from kernels (name, start, end) and each one's key."""
+    totals, launches = collections.Counter(), collections.Counter()
+    for key, (_, start, end) in zip(keys, kernels, strict=True):
+        totals[key] += end - start
+        launches[key] += 1
+    return totals, launches
+
+
 def profile_table(kernels, optimizer_ranges, span, steps):
     """Rows (category, ms/step, share of the span, kernels/step) from GPU kernels (name, start, end) in
     microseconds, optimizer_ranges (start, end) on the GPU timeline, and the profiled span; then the
     GPU's idle time (the span less the union of kernel intervals) and the whole step."""
-    totals, counts = {}, {}
-    for name, start, end in kernels:
-        category = kernel_category(name, any(a <= start < b for a, b in optimizer_ranges))
-        totals[category] = totals.get(category, 0.0) + end - start
-        counts[category] = counts.get(category, 0) + 1
+    totals, counts = gpu_time_by(kernels, [kernel_category(name, any(a <= start < b for a, b in optimizer_ranges))
+                                           for name, start, _ in kernels])
     busy, covered_to = 0.0, -math.inf
     for _, start, end in sorted(kernels, key=lambda k: k[1]):  # union of intervals (streams overlap)
         busy += max(0.0, end - max(start, covered_to))
@@ -2422,10 +2428,7 @@ def top_kernels(kernels, steps, n=PROFILE_TOP_KERNELS):
     """The n kernels of most GPU time by name, from (name, start, end) in microseconds: rows (name, ms
     per step, launches per step, microseconds per launch). The categories say what kind of work, this
     which kernel (an Inductor kernel's name lists the operations it fused)."""
-    totals, launches = collections.Counter(), collections.Counter()
-    for name, start, end in kernels:
-        totals[name] += end - start
-        launches[name] += 1
+    totals, launches = gpu_time_by(kernels, [name for name, _, _ in kernels])
     return [(name, total / steps / 1000, launches[name] / steps, total / launches[name])
             for name, total in totals.most_common(n)]
 
