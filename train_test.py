@@ -898,11 +898,12 @@ def test_gated_norm_backwards_hold_their_rows_in_registers(tmp_path):
     kernels, grads = {}, {}
     for setting in ("default", "configured"):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / setting)}  # compile, not load
-        out = subprocess.run([sys.executable, "-c", NORM_BACKWARD_PROBE, ROOT, setting, tmp_path / setting],
+        grads_file = tmp_path / f"{setting}.pt"
+        out = subprocess.run([sys.executable, "-c", NORM_BACKWARD_PROBE, ROOT, setting, grads_file],
                              capture_output=True, text=True, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         kernels[setting] = json.loads(out.stdout.splitlines()[-1])
-        grads[setting] = torch.load(tmp_path / setting)
+        grads[setting] = torch.load(grads_file)
     assert any(k.startswith("triton_red_") for k in kernels["default"]), kernels
     assert kernels["configured"] and all(k.startswith("triton_per_") for k in kernels["configured"]), kernels
     for name, ref in grads["default"].items():  # bf16 sums in another order
