@@ -988,7 +988,7 @@ FA4_VERSION = "4.0.0b36"
 ATTENTION_BACKENDS = ("auto", "fa4", "torch")
 ATTENTION_INSTALL = {
     "fa4": f"FlashAttention 4 on an sm90 (Hopper) or sm100 (Blackwell) GPU: pip install flash-attn-4=={FA4_VERSION}",
-    "torch": "a CUDA GPU and torch >= 2.11 (flash attention with a window)",
+    "torch": "a CUDA GPU",  # and torch >= OLDEST_TORCH, which main checks first
 }
 
 
@@ -2020,6 +2020,17 @@ def launch_environment():
     return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
 
 
+OLDEST_TORCH = (2, 11)  # the first release whose flash attention takes a window
+
+
+def check_torch_version(version):
+    """version: torch.__version__. An older torch lacks the attention window and would fail later, in
+    its own code, with a traceback."""
+    if tuple(int(part) for part in version.split(".")[:2]) < OLDEST_TORCH:
+        raise UsageError(f"PyTorch {version} is too old: train_gpt.py needs {'.'.join(map(str, OLDEST_TORCH))} "
+                         "or newer (the README's install gives the tested one)")
+
+
 def check_world_size(world_size):
     if world_size < 1 or SLOTS_PER_STEP % world_size:
         raise UsageError(f"world size {world_size} does not divide 8: launch with --nproc_per_node 1, 2, 4 or 8")
@@ -2850,6 +2861,7 @@ class Trainer:
 
 def main(argv=None):
     launch_time = time.perf_counter()
+    check_torch_version(torch.__version__)
     configure_torch()
     hp, check = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world_size, local_rank = launch_environment()

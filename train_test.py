@@ -745,6 +745,21 @@ def test_script_errors_are_one_line(small_data, tmp_path):
                                                       "device)\n"), out.stderr
 
 
+def test_an_old_torch_is_refused_in_one_line(small_data, tmp_path):
+    """Before any torch setting: an older release would fail inside its own code instead."""
+    for version in ("2.11.0+cu130", "2.13.0", "2.12.0.dev20260301+cu130", "3.0.0"):
+        tg.check_torch_version(version)
+    for version in ("2.10.1+cu128", "1.13.1"):
+        with pytest.raises(tg.UsageError, match=rf"^PyTorch {re.escape(version)} is too old: train_gpt.py needs "
+                                                r"2\.11 or newer \(the README's install"):
+            tg.check_torch_version(version)
+    program = ("import runpy, torch\ntorch.__version__ = '2.10.1+cu128'  # what that torch reports\n"
+               f"runpy.run_path({os.path.join(ROOT, 'train_gpt.py')!r}, run_name='__main__')")
+    out = run_script(small_data + ["--check"], tmp_path, program=program)
+    assert out.returncode == 1 and out.stderr.startswith("error: PyTorch 2.10.1+cu128 is too old"), out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+
+
 def test_profile_needs_a_stage_with_six_steps():
     with pytest.raises(tg.UsageError, match=r"^--profile takes a stage, 1 to 3 \(or 0 to train\), not 4$"):
         tg.check_arguments(tg.parse_args(["--profile", "4"])[0], 1)
