@@ -518,7 +518,7 @@ def _attention_rows():
     and a paired-heads layer at the short window, a plain one at the long (the model has those three)."""
     if tg.attention_backend("auto", "cuda") != "fa4":
         return []
-    from train_test import fineweb_like_batch  # the loader's documents and padding, as the model tests use
+    from train_test import fineweb_like_batch  # FineWeb-like documents, padded as the loader pads them
     rows = []
     scale = torch.tensor(128 ** -0.5, dtype=torch.float64)
     for stage in tg.ALL_STAGES:
