@@ -835,8 +835,7 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
     """With the script's settings (configure_torch) a graph holding a custom autograd Function, as the
     model's do, is kept by AOTAutograd's cache: a second process loads it instead of tracing it again."""
     program = """if True:
-        import sys, torch
-        sys.path.insert(0, sys.argv[1])
+        import torch
         import train_gpt
         from torch._dynamo.utils import counters
         train_gpt.configure_torch()
@@ -854,9 +853,7 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
         step(torch.randn(8, requires_grad=True)).backward()
         print(counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_bypass"])
     """
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
-    runs = [subprocess.run([sys.executable, "-c", program, ROOT],
-                           capture_output=True, text=True, env=env) for _ in range(2)]
+    runs = [run_script([], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
 
@@ -865,19 +862,17 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
     must: a graph cached by a process without the script's settings is compiled again under them,
     and then loaded by the next process that has them."""
     program = """if True:
-        import sys, torch
-        sys.path.insert(0, sys.argv[1])
+        import torch
         import train_gpt
         from torch._dynamo.utils import counters
-        if sys.argv[2] == "configured":
+        if sys.argv[1] == "configured":
             train_gpt.configure_torch()
         torch.compile(lambda x: train_gpt.norm(x).sum(), dynamic=False)(torch.randn(4, 8))
         print(counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"])
     """
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     hits = []
     for setting in ("default", "configured", "configured"):
-        run = subprocess.run([sys.executable, "-c", program, ROOT, setting], capture_output=True, text=True, env=env)
+        run = run_script([setting], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
         assert run.returncode == 0, run.stderr[-2000:]
         hits.append(int(run.stdout.split()[-1]))
     assert hits[:2] == [0, 0] and hits[2] > 0, hits  # loaded only by a process of the same settings
