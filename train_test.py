@@ -880,11 +880,10 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
 
 NORM_BACKWARD_PROBE = """if True:
     import json, re, sys, torch
-    sys.path.insert(0, sys.argv[1])
     import train_gpt as tg
     from train_test import fineweb_like_batch
     from torch._inductor.utils import run_and_get_code
-    if sys.argv[2] == "configured":
+    if sys.argv[1] == "configured":
         tg.configure_torch()
     torch.manual_seed(0)
     model, compiled = tg.build_model(tg.Hyperparameters(attention="torch"), "cuda")
@@ -895,7 +894,7 @@ NORM_BACKWARD_PROBE = """if True:
     batch = fineweb_like_batch(stage.batch_tokens // tg.SLOTS_PER_STEP, stage.max_seq_len)
     mtp = torch.tensor(stage.mtp_start, device="cuda")
     _, code = run_and_get_code(lambda: tg.run_training_graph(compiled, batch, stage, mtp).backward())
-    torch.save({name: p.grad for name, p in model.named_parameters()}, sys.argv[3])
+    torch.save({name: p.grad for name, p in model.named_parameters()}, sys.argv[2])
     looped = re.findall(r"def (triton_red_\\w+rms_norm_backward\\w*)\\(.*\\n(?:.*\\n)*?\\s+r0_numel = (\\d+)\\n",
                         "".join(code))
     print(json.dumps(sorted({(name, int(row)) for name, row in looped})))  # the looped norm backwards, row length
@@ -909,10 +908,9 @@ def test_gated_norm_backwards_hold_their_rows_in_registers(tmp_path):
     them in registers with the script's settings (configure_torch); the gradients stay the same."""
     looped_rows, grads = {}, {}
     for setting in ("default", "configured"):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / setting)}  # compile, not load
         grads_file = tmp_path / f"{setting}.pt"
-        out = subprocess.run([sys.executable, "-c", NORM_BACKWARD_PROBE, ROOT, setting, grads_file],
-                             capture_output=True, text=True, env=env)
+        out = run_script([setting, str(grads_file)], tmp_path, program=NORM_BACKWARD_PROBE,
+                         TORCHINDUCTOR_CACHE_DIR=str(tmp_path / setting))  # compile, not load
         assert out.returncode == 0, out.stderr[-3000:]
         looped_rows[setting] = [(name, row) for name, row in json.loads(out.stdout.splitlines()[-1])
                                 if row <= tg.PERSISTENT_ROW_MAX]
