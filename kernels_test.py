@@ -503,6 +503,16 @@ def _bench_rows():
         add(f"FP8 softcap CE fwd+bwd {tokens} rows",
             lambda: tg.FP8SoftcapMTPLoss.apply(xg, wg, targets, mtp).backward(),
             lambda: eager_loss(xg, wg).backward())
+    for rows_in_table in (50304, 251520):  # the token and value tables, the bigram table
+        indices = skewed_rows(49152, rows_in_table)
+        sorted_rows, order = torch.sort(indices)
+        grad, table_grad = _bf16(49152, 768), _bf16(rows_in_table, 768)
+
+        def dense():
+            sums = torch.zeros(rows_in_table, 768, device="cuda").index_add_(0, indices, grad.float())
+            return table_grad.add_(sums.to(torch.bfloat16))
+        add(f"embedding gradient 49152 tokens into {rows_in_table} rows, sorted (vs dense fp32 index_add_)",
+            lambda: tg.add_embedding_grad(grad, sorted_rows, order, table_grad), dense)
     rows += _attention_rows()
     polar_express = torch.compile(tg.nesterov_polar_express, **tg.COMPILE_OPTIONS)
     for batch, m in ((40, 768), (24, 3072)):
@@ -575,6 +585,13 @@ def _sweep_rows():
                 dict(block_m=32, block_n=128, num_warps=4)):  # the default first, then the tiles it was chosen over
         rows.append((f"transpose e5m2 49152x50304 {cfg}", _median_us(lambda: tg.transposed(grad_f8, **cfg))))
     del grad_f8
+    indices = skewed_rows(49152, 50304)
+    sorted_rows, order = torch.sort(indices)
+    grad, table_grad = _bf16(49152, 768), _bf16(50304, 768)
+    for cfg in (dict(), dict(block_d=64, num_warps=2), dict(chunk=32, block_d=64, num_warps=2), dict(chunk=128),
+                dict(block_d=256), dict(num_warps=8), dict(tail=64), dict(tail=256)):  # the default first
+        rows.append((f"embedding gradient 49152 into 50304 rows {cfg}",
+                     _median_us(lambda: tg.add_embedding_grad(grad, sorted_rows, order, table_grad, **cfg))))
     x, w_head = _bf16(16384, 768), _bf16(768, 50304, scale=0.005)
     targets = torch.randint(0, 50304, (16384,), device="cuda")
     mtp = torch.tensor([1.0, 0.5, 0.25], device="cuda")
