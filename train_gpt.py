@@ -794,7 +794,7 @@ def _embedding_grad_kernel(grad_ptr, order_ptr, sorted_ptr, table_grad_ptr, T, D
              mask=write)
 
 
-EMBED_CHUNK, EMBED_TAIL = 64, 128  # no other launch timed was over 1% faster on text (docs/performance.md)
+EMBED_CHUNK, EMBED_TAIL = 64, 128  # none of 27 launches timed on synthetic tokens was 1% faster (docs/performance.md)
 
 
 def add_embedding_grad(grad, sorted_rows, order, table_grad, chunk=EMBED_CHUNK, tail=EMBED_TAIL, block_d=128,
