@@ -447,6 +447,13 @@ def _bf16(*shape, scale=1.0):
     return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
 
 
+def _embedding_grad_inputs(rows_in_table, tokens=49152, dim=768):
+    """A stage-3 micro-batch's table indices (skewed as text's), sorted as the model sorts them
+    (sorted rows, order), its (tokens, dim) gradient and the table's .grad."""
+    indices = skewed_rows(tokens, rows_in_table)
+    return (indices, *torch.sort(indices), _bf16(tokens, dim), _bf16(rows_in_table, dim))
+
+
 def _bench_rows():
     """(kernel, ours µs, PyTorch µs) for each kernel at the shapes of the record."""
     rows = []
@@ -504,9 +511,7 @@ def _bench_rows():
             lambda: tg.FP8SoftcapMTPLoss.apply(xg, wg, targets, mtp).backward(),
             lambda: eager_loss(xg, wg).backward())
     for rows_in_table in (50304, 251520):  # the token and value tables, the bigram table
-        indices = skewed_rows(49152, rows_in_table)
-        sorted_rows, order = torch.sort(indices)
-        grad, table_grad = _bf16(49152, 768), _bf16(rows_in_table, 768)
+        indices, sorted_rows, order, grad, table_grad = _embedding_grad_inputs(rows_in_table)
 
         def dense():
             sums = torch.zeros(rows_in_table, 768, device="cuda").index_add_(0, indices, grad.float())
@@ -585,9 +590,7 @@ def _sweep_rows():
                 dict(block_m=32, block_n=128, num_warps=4)):  # the default first, then the tiles it was chosen over
         rows.append((f"transpose e5m2 49152x50304 {cfg}", _median_us(lambda: tg.transposed(grad_f8, **cfg))))
     del grad_f8
-    indices = skewed_rows(49152, 50304)
-    sorted_rows, order = torch.sort(indices)
-    grad, table_grad = _bf16(49152, 768), _bf16(50304, 768)
+    _, sorted_rows, order, grad, table_grad = _embedding_grad_inputs(50304)
     for cfg in (dict(), dict(block_d=64, num_warps=2), dict(chunk=32, block_d=64, num_warps=2), dict(chunk=128),
                 dict(block_d=256), dict(num_warps=8), dict(tail=64), dict(tail=256)):  # the default first
         rows.append((f"embedding gradient 49152 into 50304 rows {cfg}",
