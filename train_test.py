@@ -709,8 +709,7 @@ def test_the_table_of_contents_is_true():
 def test_importing_changes_no_setting():
     """Importing the script leaves the environment and torch's compiler settings alone: main and the
     compile workers make them, through configure_torch()."""
-    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True,
-                         cwd=ROOT)
+    out = run_script([], ROOT, program=IMPORT_PROBE)
     assert out.returncode == 0, out.stderr[-3000:]
     on_import, on_configure, on_configure_again, wrapped_once = json.loads(out.stdout.splitlines()[-1])
     assert on_import == [] and on_configure == ["environment", "dynamo", "functorch", "compiler", "inductor choices"]
