@@ -2,7 +2,17 @@
 module imports triton (through train_gpt)."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ENVIRONMENT_BEFORE_IMPORT = dict(os.environ)  # before any test module imports train_gpt
+
+
+@pytest.fixture
+def environment_before_import():
+    """The environment as it was before train_gpt was imported: a probe started with it sees what
+    importing the script does to it (this process has imported it already)."""
+    return dict(ENVIRONMENT_BEFORE_IMPORT)

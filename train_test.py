@@ -661,19 +661,19 @@ def test_a_used_run_id_is_refused(small_data, tmp_path, monkeypatch):
         tg.main(small_data + ["--run_id", "taken", "--check"])
 
 
-def run_script(args, cwd, stdout=None, program=None, **env):
+def run_script(args, cwd, stdout=None, program=None, environment=None, **env):
     """train_gpt.py in a process of its own, or program, which can import it; its output is captured
-    unless stdout is given."""
+    unless stdout is given. It runs in environment (by default this process's) with env added."""
     script = os.path.join(ROOT, "train_gpt.py")
     command = ["-c", f"import sys\nsys.path.insert(0, {ROOT!r})\n{program}"] if program else [script]
     return subprocess.run([sys.executable, *command, *args], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=cwd, env={**os.environ, **env})
+                          text=True, cwd=cwd, env={**(environment or os.environ), **env})
 
 
 IMPORT_PROBE = """
 import json, os, torch, torch._dynamo.config, torch._functorch.config, torch._inductor.config
 from torch._inductor.choices import InductorChoices
-os.environ.pop("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", None)
+os.environ.pop("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", None)  # a user's own choice: configure_torch keeps it
 def settings():
     return (dict(os.environ), torch._dynamo.config.get_config_copy(), torch._functorch.config.get_config_copy(),
             torch._inductor.config.get_config_copy(), torch.compiler.config.get_config_copy(),
@@ -706,10 +706,10 @@ def test_the_table_of_contents_is_true():
             assert len(where) == 1 and start < where[0] < end, (name, where, start, end)
 
 
-def test_importing_changes_no_setting():
+def test_importing_changes_no_setting(environment_before_import):
     """Importing the script leaves the environment and torch's compiler settings alone: main and the
     compile workers make them, through configure_torch()."""
-    out = run_script([], ROOT, program=IMPORT_PROBE)
+    out = run_script([], ROOT, program=IMPORT_PROBE, environment=environment_before_import)
     assert out.returncode == 0, out.stderr[-3000:]
     on_import, on_configure, on_configure_again, wrapped_once = json.loads(out.stdout.splitlines()[-1])
     assert on_import == [] and on_configure == ["environment", "dynamo", "functorch", "compiler", "inductor choices"]
