@@ -994,6 +994,14 @@ def fineweb_like_batch(local_tokens, max_seq_len, seed=0):
     return tg.micro_batch(buf, starts[starts < local_tokens], "cuda", "test")
 
 
+@pytest.fixture
+def configured_torch():
+    """main's process-wide settings (configure_torch), for a test that compiles in this process as
+    training does: otherwise it would pass or fail by whether an earlier test ran main (Dynamo's
+    recompile limit, for one)."""
+    tg.configure_torch()
+
+
 def attention_unavailable(backend):
     """None if the attention backend runs on this GPU, else why not."""
     try:
@@ -1005,7 +1013,7 @@ def attention_unavailable(backend):
 
 @needs_gpu
 @pytest.mark.parametrize("stage,backend", [(0, "fa4"), (2, "fa4"), (2, "torch")])
-def test_full_model_compiles_without_graph_breaks(stage, backend):
+def test_full_model_compiles_without_graph_breaks(stage, backend, configured_torch):
     problem = attention_unavailable(backend)
     if problem:
         pytest.skip(problem)
@@ -1068,18 +1076,17 @@ def test_cuda_graphs_give_the_losses_of_the_plain_step(small_data, tmp_path):
 
 @needs_gpu
 @pytest.mark.parametrize("backend", ["fa4", "torch"])
-def test_one_compiled_graph_serves_every_window_and_scale(backend):
+def test_one_compiled_graph_serves_every_window_and_scale(backend, configured_torch):
     """Windows and the YaRN scale are run-time inputs: new values compile nothing and change the result
     as they change the eager model's."""
     problem = attention_unavailable(backend)
     if problem:
         pytest.skip(problem)
     torch.manual_seed(0)
-    model = tg.GPT(device="cuda", attention=backend)
+    model, compiled = tg.build_model(tg.Hyperparameters(attention=backend), "cuda")  # as training compiles it
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
     val = fineweb_like_batch(262144, 2048, seed=2)
     losses = []
     with torch.no_grad():
@@ -1099,7 +1106,7 @@ def test_one_compiled_graph_serves_every_window_and_scale(backend):
 @pytest.mark.parametrize("window", [128, 640, 1408, 2560])  # short and long windows, the final validation's
 @pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 @pytest.mark.parametrize("backend", ["fa4", "torch"])
-def test_attention_backend_matches_reference(backend, paired, window, compiled):
+def test_attention_backend_matches_reference(backend, paired, window, compiled, configured_torch):
     """Output and dq, dk, dv of each backend against fp32 reference attention on the same bf16 inputs."""
     problem = attention_unavailable(backend)
     if problem:
