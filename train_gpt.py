@@ -858,14 +858,14 @@ class Layer:
     long_window: bool = False  # the long window; half of each key comes from the previous token
     value_embed: int = None  # the value-embedding table (and gate) added to its values
     two_lanes: bool = False  # in the first such layer lane 1 starts as lane 0, and lane 0 after it is the backout
-    skip: bool = False  # lane 0 after its attention is the skip
+    saves_skip: bool = False  # lane 0 after its attention is saved as the skip (the MLP-only layer adds it back)
 
 
 LAYERS = (
     Layer(paired_heads=True),
     Layer(value_embed=0),
     Layer(paired_heads=True, value_embed=1),
-    Layer(long_window=True, skip=True),
+    Layer(long_window=True, saves_skip=True),
     Layer(),
     Layer(paired_heads=True),
     Layer(attention=False),
@@ -1250,6 +1250,7 @@ class GPT(nn.Module):
         e = torch.cat([e[:1], e[1:] + smear * e[:-1]])
         x0 = norm(e)
         lane0, lane1 = x0 + bigram_lambda[0] * bigram, None
+        skip = backout = None  # set by the layer that saves_skip and by the first two_lanes layer
         for i, layer in enumerate(LAYERS):
             c_fc, c_proj = mlp_banks[i]
             post_attn0, post_attn1, post_mlp0, post_mlp1 = post[i]  # into lane 0 / lane 1
@@ -1259,6 +1260,8 @@ class GPT(nn.Module):
                 lane0 = resid_mlp[i] * lane0 + post_mlp0 * mlp(norm(lane0), c_fc, c_proj)
                 continue
             weights, gate = next(attention_weights)
+            # every attention layer adds x0 and the bigram embedding back; layer 0's bigram share is
+            # already in lane 0, which starts with it
             inject = x0_lambda[i] * x0 if i == 0 else x0_lambda[i] * x0 + bigram_lambda[i] * bigram
             table = layer.value_embed
             a = self.attn(norm(lane0), layer, weights, gate, scales=(scalars[2 * i], scalars[2 * i + 1]),
@@ -1266,7 +1269,7 @@ class GPT(nn.Module):
                           value=None if table is None else (ves[table], value_gates[table]))
             if not layer.two_lanes:
                 lane0 = resid_attn[i] * lane0 + a + inject
-                if layer.skip:
+                if layer.saves_skip:
                     skip = lane0
                 lane0 = resid_mlp[i] * lane0 + post_mlp0 * mlp(norm(lane0), c_fc, c_proj)
             else:
@@ -1289,7 +1292,7 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Optimizer: one object for all parameters. NorMuon (Nesterov momentum, Polar Express,
 # variance reduction, cautious weight decay) for the attention and MLP banks; Adam with cautious
-# weight decay, updated on odd steps only, for everything else.
+# weight decay, updated on odd steps and on the split step (Schedule.adam_step), for everything else.
 #
 # Gradients are SUMMED across ranks: the 1/world factor is folded into the loss scale (1/8 for
 # every world size), so NCCL and gloo run the same code and every world size the same math.
@@ -1388,7 +1391,7 @@ GRAM_KERNEL_MIN_BATCH_TALL, GRAM_KERNEL_MAX_BATCH_WIDE = 6, 5
 # X / (1.02 ||X||_F + 1e-6) puts every singular value below 1, where the iteration converges (Polar
 # Express, Amsel et al. 2025, normalises by the Frobenius norm; 2% is the record's margin for bf16).
 NORM_MARGIN, NORM_EPS = 1.02, 1e-6
-MATMUL_ADD_MIN_ROWS = 1024  # from here a matmul plus an in-place add beats baddbmm's defensive copy
+MATMUL_ADD_MIN_ROWS = 1024  # above this many rows a matmul plus an in-place add beats baddbmm's defensive copy
 
 
 def gram(X, out, tall):
@@ -1447,27 +1450,48 @@ class ParamGroup:
         object.__setattr__(self, "attr", self.attr or self.label)
 
 
-# In "scatter order": reductions are launched in this order.
+# Communication (the record's two orders). NorMuonAdam.step launches the reductions of the groups it
+# updates all at once, in PARAM_GROUPS order (the "scatter order"); NCCL runs them one after another
+# in that order, beside the updates. It then updates the groups in WORK_ORDER, each as soon as its own
+# reduction is done, and launches each sharded group's gather right after its update. Replicated groups
+# are all-reduced and updated whole on every rank; sharded ones reduce-scattered, updated a 1/world
+# shard per rank, and all-gathered.
 PARAM_GROUPS = (
+    # first: the only groups reduced on every step (Adam's wait for an Adam step), so on the other
+    # steps attn's update starts while mlp's reduction is still on the wire
     ParamGroup("attn", attr="attn_bank", optim="normuon", comms="sharded"),
     ParamGroup("mlp", attr="mlp_bank", optim="normuon", comms="sharded"),
+    # a few KB each: quick to reduce, so the first Adam updates can start soon after the banks'
     ParamGroup("scalars", lr_mul=5, wd_mul=0),
     ParamGroup("smear_gate", lr_mul=0.01, wd_mul=0),
     ParamGroup("skip_gate", lr_mul=0.05, wd_mul=0),
     ParamGroup("attn_gate_bank"),
     ParamGroup("ve_gate_bank"),
+    # while tied it also carries embed's gradient (added just before its reduction), and the step waits
+    # for its gather to copy embed from it: reduced before the large tables, not behind them
     ParamGroup("lm_head", comms="sharded", betas=(0.5, 0.95), wd_mul=150),
+    # with 8 GPUs only the rows this step's tokens touched travel (before_forward told every rank which)
     ParamGroup("bigram_embed", comms="sharded_sparse", betas=(0.75, 0.95), lr_mul=75, wd_mul=5),
     ParamGroup("post_lambdas", betas=(0.9, 0.95), wd_mul=0),
     ParamGroup("x0_lambdas", betas=(0.9, 0.95), wd_mul=0),
     ParamGroup("bigram_lambdas", betas=(0.9, 0.95), wd_mul=0),
     ParamGroup("resid_lambdas", betas=(0.9, 0.95), lr_mul=5, wd_mul=0),
+    # the largest dense transfers last (value_embed holds 5 vocabulary-sized tables; embed is reduced only
+    # after the split): they run while the groups reduced before them are updated
     ParamGroup("value_embed", attr="value_embeds", comms="sharded", betas=(0.75, 0.95), lr_mul=75, wd_mul=5),
     ParamGroup("embed", comms="sharded", betas=(0.5, 0.95), wd_mul=150),
 )
-# Updates are done in "work order", each waiting only for its own reduction.
-WORK_ORDER = ("scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas", "x0_lambdas",
-              "bigram_lambdas", "resid_lambdas", "value_embed", "bigram_embed", "lm_head", "embed", "attn", "mlp")
+WORK_ORDER = (
+    # small, cheap updates first, while the large reductions are still running
+    "scalars", "smear_gate", "skip_gate", "attn_gate_bank", "ve_gate_bank", "post_lambdas", "x0_lambdas",
+    "bigram_lambdas", "resid_lambdas",
+    # the large Adam tables next: their gathers then overlap the banks' updates below
+    "value_embed", "bigram_embed",
+    # lm_head before embed: while tied, embed is written from lm_head's gathered whole
+    "lm_head", "embed",
+    # Polar Express, the longest updates, last: the gathers of everything above run meanwhile
+    "attn", "mlp",
+)
 
 
 def adam_update(p, grad, exp_avg, exp_avg_sq, count, lr, decay, beta1, beta2, eps):
@@ -1483,7 +1507,8 @@ def adam_update(p, grad, exp_avg, exp_avg_sq, count, lr, decay, beta1, beta2, ep
 
 
 def normuon_variance_reduction(X, v2, beta2):
-    """Scale X by 1/sqrt(running mean of X^2) along its larger dim (v2, in place), keeping ||X||_F."""
+    """Scale X by 1/sqrt(v2), v2 a running mean of X^2 over X's smaller dim (one value per row of a tall X,
+    per column of a wide one; updated in place), keeping ||X||_F."""
     X = X.float()
     reduce_dim = -1 if X.size(-2) >= X.size(-1) else -2
     size = X.size(reduce_dim)
@@ -1593,14 +1618,19 @@ class NorMuonAdam:
 
     # --- sparse bigram exchange ---
 
-    def add_bigram_rows(self, bigram_hash):
-        """Host-side hashes of a micro-batch of this rank: the bigram_embed rows its gradient touches."""
+    def before_forward(self, bigram_hashes, adam_step):
+        """The optimizer's part of a step before its forward is launched. bigram_hashes: the host-side
+        hashes of this rank's micro-batches, the bigram_embed rows their gradients touch. With the sparse
+        exchange, on an Adam step, the ranks tell each other which of the rows touched since the last one
+        go to which owner: CPU messages, sent now, so that the host does not wait for them behind the
+        forward and backward it launches next."""
         if self.sparse_bigram:
-            self._bigram_rows.append(np.asarray(bigram_hash))
+            self._bigram_rows += [np.asarray(hashes) for hashes in bigram_hashes]
+            if adam_step:
+                self._exchange_bigram_rows()
 
-    def prepare_bigram_exchange(self):
-        """Exchange which touched rows go to which owner (counts, then indices) ahead of the
-        gradients, best before the forward pass is launched. Called by step() if not called before."""
+    def _exchange_bigram_rows(self):
+        """Exchange which touched rows go to which owner (counts, then indices), ahead of the gradients."""
         rows_per_rank = self.params["bigram_embed"].size(0) // self.world_size
         rows = np.unique(np.concatenate(self._bigram_rows)) if self._bigram_rows else np.zeros(0, np.int64)
         self._bigram_rows = []
@@ -1615,8 +1645,8 @@ class NorMuonAdam:
         self._bigram_exchange = (rows, send_counts, recv_rows, recv_counts, work)
 
     def _launch_sparse_bigram(self, grad):
-        if self._bigram_exchange is None:
-            self.prepare_bigram_exchange()
+        if self._bigram_exchange is None:  # before_forward was not told of this Adam step
+            self._exchange_bigram_rows()
         send_rows, send_counts, recv_rows, recv_counts, rows_work = self._bigram_exchange
         self._bigram_exchange = None
         recv_values = grad.new_empty(len(recv_rows), grad.size(1))
@@ -1624,12 +1654,12 @@ class NorMuonAdam:
                                              recv_counts, send_counts, async_op=True)
         chunk = self._chunk("bigram_embed", grad)
 
-        def finish():
+        def add_received_rows():
             rows_work.wait()
             values_work.wait()
             local_rows = (recv_rows - self.rank * chunk.size(0)).to(grad.device, non_blocking=True)
             return chunk.index_add_(0, local_rows, recv_values)
-        return finish
+        return add_received_rows
 
     # --- the step ---
 
@@ -1638,15 +1668,20 @@ class NorMuonAdam:
         grad = self.params[label].grad.view_as(self._view(label))
         comms = self.groups[label].comms
         if self.world_size == 1 or not self.communicate:
-            return lambda: self._chunk(label, grad)
-        if comms == "replicated":
-            work = dist.all_reduce(grad, async_op=True)
-            return lambda: (work.wait(), grad)[1]
+            return functools.partial(self._chunk, label, grad)
         if comms == "sharded_sparse" and self.sparse_bigram:
             return self._launch_sparse_bigram(grad)
-        chunk = grad.new_empty(self._chunk(label, grad).shape)
-        work = dist.reduce_scatter_tensor(chunk, grad, async_op=True)
-        return lambda: (work.wait(), chunk)[1]
+        if comms == "replicated":
+            reduced = grad
+            work = dist.all_reduce(grad, async_op=True)
+        else:
+            reduced = grad.new_empty(self._chunk(label, grad).shape)
+            work = dist.reduce_scatter_tensor(reduced, grad, async_op=True)
+
+        def wait_for_reduction():
+            work.wait()
+            return reduced
+        return wait_for_reduction
 
     def _update(self, label, grad_chunk, lr_multiplier, momentum):
         group, state = self.groups[label], self.state[label]
@@ -1729,7 +1764,7 @@ class Stage:
     batch_tokens: int  # global, per step
     max_seq_len: int
     windows: tuple  # (short, long) attention windows in WINDOW_BLOCKs
-    lr_mul: float
+    lr_mul: float  # learning-rate multiplier, until the cooldown takes it to COOLDOWN_END_MULTIPLIER
     mtp_start: tuple  # multi-token prediction weights at the stage's first step ...
     mtp_end: tuple  # ... and at its (exclusive) end
     share: int = 1  # its part of the scheduled steps, against the sum of the stages' shares
@@ -1744,7 +1779,8 @@ STAGES = (
           mtp_start=(1.0,), mtp_end=(1.0,)),
 )
 # after the scheduled steps, --num_extension_iterations of the last stage's batch with wider windows
-EXTENSION = Stage("extension", batch_tokens=393216, max_seq_len=2048, windows=(6, 13), lr_mul=1.73,
+# (its lr_mul is None: it runs after the cooldown, at COOLDOWN_END_MULTIPLIER)
+EXTENSION = Stage("extension", batch_tokens=393216, max_seq_len=2048, windows=(6, 13), lr_mul=None,
                   mtp_start=(1.0,), mtp_end=(1.0,), share=0)
 ALL_STAGES = (*STAGES, EXTENSION)
 FINAL_VAL_WINDOWS = (6, 20)  # the final validation looks further, without a YaRN update
@@ -1752,8 +1788,8 @@ VAL_BATCH_TOKENS = 2_097_152  # per val step, 8 slots of 262,144 for every world
 VAL_LOCAL_TOKENS = VAL_BATCH_TOKENS // SLOTS_PER_STEP
 LOSS_SCALE = 1 / SLOTS_PER_STEP  # 1/grad_accum, with the 1/world of the average folded in
 COOLDOWN_START_FRAC, COOLDOWN_END_MULTIPLIER = 0.4, 0.15
-MOMENTUM_WARMUP_STEPS, MOMENTUM_COOLDOWN_STEPS = 300, 50
-MOMENTUM_MIN, MOMENTUM_RISE = 0.85, 0.10  # NorMuon's: up by RISE over the warm-up, back over the cooldown
+MOMENTUM_RISE_STEPS, MOMENTUM_COOLDOWN_STEPS = 300, 50
+MOMENTUM_MIN, MOMENTUM_RISE = 0.85, 0.10  # NorMuon's: up by RISE over the first steps, back over the last
 
 
 class Schedule:
@@ -1784,12 +1820,16 @@ class Schedule:
         return tuple(a + t * (b - a) for a, b in zip(stage.mtp_start, stage.mtp_end))
 
     def lr_multiplier(self, step):
+        """The stage's lr_mul, taken linearly to COOLDOWN_END_MULTIPLIER from COOLDOWN_START_FRAC of the
+        scheduled steps to their end; the extension stays there."""
+        if step >= self.num_scheduled:
+            return COOLDOWN_END_MULTIPLIER
         cooldown_start = int(self.num_scheduled * COOLDOWN_START_FRAC)
-        t = min(1.0, max(0.0, (step - cooldown_start) / (self.num_scheduled - cooldown_start)))
+        t = max(0.0, (step - cooldown_start) / (self.num_scheduled - cooldown_start))
         return self.stage(step).lr_mul * (1 - t) + COOLDOWN_END_MULTIPLIER * t
 
     def momentum(self, step):
-        warm = MOMENTUM_MIN + MOMENTUM_RISE * min(1.0, step / MOMENTUM_WARMUP_STEPS)
+        warm = MOMENTUM_MIN + MOMENTUM_RISE * min(1.0, step / MOMENTUM_RISE_STEPS)
         cool_start = self.total - MOMENTUM_COOLDOWN_STEPS
         return warm - MOMENTUM_RISE * max(0.0, (step - cool_start) / MOMENTUM_COOLDOWN_STEPS)
 
@@ -1797,7 +1837,7 @@ class Schedule:
         """Adam updates on odd steps; the split step is always one."""
         return step % 2 == 1 or step == self.split_step
 
-    def warmup_steps(self):
+    def warm_up_steps(self):
         """Steps that run every graph and optimizer path: the first two of every stage and of the
         extension (both Adam parities; the split step is stage 3's first, the untied optimizer's
         first step the next)."""
@@ -1876,7 +1916,7 @@ class Hyperparameters:
     adam_weight_decay: float = hyperparameter(0.005, "Adam cautious weight decay (times lr^2 and wd_mul)")
     adam_eps: float = hyperparameter(1e-10, "Adam epsilon")
     muon_lr: float = hyperparameter(0.023, "NorMuon learning rate of the attention and MLP matrices")
-    muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr)")
+    muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr^2 and each matrix's lr scale)")
     muon_beta2: float = hyperparameter(0.95, "NorMuon second-moment decay of the variance reduction")
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
     run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file", "a fresh uuid")
@@ -1934,8 +1974,10 @@ def parse_args(argv):
 
 @dataclass(frozen=True)
 class Run:
-    """What a run derives from its arguments and its place among the ranks, in one place: the
-    pre-flight, the compile workers and the trainer take it from here."""
+    """What a run derives from its arguments and its place among the ranks: the schedule, gradient
+    accumulation, the bigram exchange and the batch streams. The pre-flight, the compile workers and the
+    trainer take them from here. Two choices are made where they are used: the attention backend (it
+    needs the GPU: GPT) and the compile workers (they depend on the caches: Trainer.warm_up)."""
     hp: Hyperparameters
     world_size: int
     rank: int = 0
@@ -1944,6 +1986,11 @@ class Run:
     @property
     def grad_accum(self):
         return SLOTS_PER_STEP // self.world_size
+
+    @property
+    def sparse_bigram(self):
+        """Whether ranks exchange only the touched rows of the bigram gradient (NorMuonAdam)."""
+        return {"auto": self.world_size == 8 and self.grad_accum == 1, "on": True, "off": False}[self.hp.sparse_bigram]
 
     @functools.cached_property
     def schedule(self):
@@ -2125,7 +2172,7 @@ def other_draws(hp, schedule):
     """(what, stages) of every other draw of training batches a run makes, each from the first shard:
     the warm-up, one step at each stage's shapes (compile workers, CUDA graphs' capture, --profile's
     launch costs) and --profile's steps."""
-    draws = [(" of the warm-up", [schedule.stage(step) for step in schedule.warmup_steps()])]
+    draws = [(" of the warm-up", [schedule.stage(step) for step in schedule.warm_up_steps()])]
     draws += [(f" of {name}'s first micro-batch", [schedule.stage(first)])
               for name, first, _ in schedule.stage_ranges()]
     if hp.profile:  # its steps and the prefetch after the last, as Trainer.profile draws them
@@ -2235,8 +2282,8 @@ class MicroBatchGraphs:
     def key(stage, attn_scale):
         return graph_key(stage), stage.windows, float(attn_scale)
 
-    def warm_up(self, stage, batch, mtp):
-        """Run a micro-batch on the capture stream before capturing: lazy initialisations for that stream.
+    def prime(self, stage, batch, mtp):
+        """Run a micro-batch eagerly on the capture stream before capturing: lazy initialisations for that stream.
         It adds its gradients and loss: zero them after. Run every stage's before the first capture."""
         torch.cuda.synchronize()
         with torch.cuda.stream(self.stream):
@@ -2471,24 +2518,24 @@ LAUNCH_AHEAD_STEPS = 2  # the host launches at most this many steps beyond the l
 
 
 class TrainingClock:
-    """The training clock, without a synchronization per step. The host runs up to LAUNCH_AHEAD_STEPS
-    ahead of the GPU; each step's end is a CUDA event and its loss is copied to pinned memory, both read
-    once the GPU has passed them: then the step is logged with the GPU's time, and a non-finite loss
-    stops the run. The clock stops only where the loop synchronizes (validations, stage ends), as the
-    record's does, so train_time is wall-clock time on the clock."""
+    """The training clock, as the record's: it runs from the start of the first step, whose batches (the
+    first shard's load with them) are drawn on it, to the end of the last, and stops only to validate.
+    It takes no synchronization per step: the host runs up to LAUNCH_AHEAD_STEPS ahead of the GPU; each
+    step's end is a CUDA event and its loss is copied to pinned memory, both read once the GPU has passed
+    them: then the step is logged with its time on the clock, and a non-finite loss stops the run."""
 
     def __init__(self, total_steps, log, advice):
         self.total_steps, self.log, self.advice = total_steps, log, advice
         self.seconds = 0.0  # on the clock, up to the last stop
-        self.stage_seconds = [0.0] * len(ALL_STAGES)
+        self.step_ends = [math.nan] * total_steps  # seconds on the clock at each step's end
         self.losses = torch.zeros(total_steps, dtype=torch.float32).pin_memory()
         self.pending = collections.deque()  # (step, its end event): launched, not yet logged
-        self.running = None  # (stage index, host clock, start event) since the last start
+        self.running = None  # (host clock, start event) since the last start
 
-    def start(self, stage):
+    def start(self):
         start = torch.cuda.Event(enable_timing=True)
         start.record()
-        self.running = stage, time.perf_counter(), start
+        self.running = time.perf_counter(), start
 
     def launched(self, step, step_loss):
         self.losses[step].copy_(step_loss, non_blocking=True)
@@ -2503,13 +2550,16 @@ class TrainingClock:
 
     def stop(self):
         torch.cuda.synchronize()
-        stage, t0, _ = self.running
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - self.running[0]
         while self.pending:
             self._retire()
         self.seconds += seconds
-        self.stage_seconds[stage] += seconds
         self.running = None
+
+    def stage_ms(self, first, end):
+        """Mean ms per step on the clock over steps first .. end - 1."""
+        before = self.step_ends[first - 1] if first else 0.0
+        return 1000 * (self.step_ends[end - 1] - before) / (end - first)
 
     def _retire(self):
         step, end = self.pending.popleft()
@@ -2517,21 +2567,46 @@ class TrainingClock:
         loss = self.losses[step].item()
         if not math.isfinite(loss):
             raise TrainingError(f"the training loss is {loss} at step {step}: stopping. {self.advice}")
-        seconds = self.seconds + self.running[2].elapsed_time(end) / 1000
-        self.log(f"step:{step + 1}/{self.total_steps} train_time:{1000 * seconds:.0f}ms "
-                 f"step_avg:{1000 * seconds / (step + 1):.2f}ms")
+        self.step_ends[step] = self.seconds + self.running[1].elapsed_time(end) / 1000
+        self.log(f"step:{step + 1}/{self.total_steps} train_time:{1000 * self.step_ends[step]:.0f}ms "
+                 f"step_avg:{1000 * self.step_ends[step] / (step + 1):.2f}ms")
+
+
+def timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, validate, log):
+    """Every step of the schedule on the clock; every val_loss_every steps (0: never) and at the end the
+    clock stops for a validation. draw_batches(step): the step's micro-batches, drawn on the clock;
+    launch_step(step, batches): launches the step, returns its loss on the GPU; validate(windows): the
+    validation loss."""
+    total, batches = schedule.total, None
+    for step in range(total + 1):
+        last = step == total
+        if last or (val_loss_every and step % val_loss_every == 0):
+            if clock.running:
+                clock.stop()
+            val_loss = validate(FINAL_VAL_WINDOWS if last else schedule.stage(step).windows)
+            log(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{1000 * clock.seconds:.0f}ms "
+                f"step_avg:{1000 * clock.seconds / max(step, 1):.2f}ms")
+        if last:
+            return
+        if not clock.running:
+            clock.start()
+        if batches is None:  # step 0's: the first shard's load is on the clock, as in the record
+            batches = draw_batches(step)
+        clock.launched(step, launch_step(step, batches))
+        if step + 1 < total:  # the host draws the next step's batches while the GPU computes
+            batches = draw_batches(step + 1)
+        clock.keep_up()
 
 
 class Trainer:
     def __init__(self, run):
         self.run, self.schedule = run, run.schedule
-        sparse = {"auto": run.world_size == 8 and run.grad_accum == 1, "on": True, "off": False}[run.hp.sparse_bigram]
         torch.manual_seed(run.hp.seed)
         self.model, self.compiled = build_model(run.hp, run.device)
         if run.world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        self.optimizer = self.new_optimizer(run.rank, run.world_size, sparse_bigram=sparse)
+        self.optimizer = self.new_optimizer(run.rank, run.world_size, sparse_bigram=run.sparse_bigram)
         self.step_loss = torch.zeros((), device=run.device)  # the step's loss, accumulated on the GPU
         # each stage's MTP weights, a row per step, on the GPU once: no copy from the host per step
         self.mtp_tables = {self.schedule.stage_index(first): torch.tensor(
@@ -2571,10 +2646,7 @@ class Trainer:
 
     def train_step(self, step, batches):
         """Forward and backward over the step's micro-batches, then the optimizer. Nothing waits for the GPU."""
-        for batch in batches:
-            self.optimizer.add_bigram_rows(batch.bigram_rows)
-        if self.schedule.adam_step(step) and self.optimizer.sparse_bigram:
-            self.optimizer.prepare_bigram_exchange()  # CPU messages, before the forward is launched
+        self.optimizer.before_forward([batch.bigram_rows for batch in batches], self.schedule.adam_step(step))
         self.accumulate_gradients(step, batches)
         self.optimizer_step(step, self.optimizer)
         if step == self.schedule.split_step:
@@ -2614,7 +2686,7 @@ class Trainer:
         # the warm-up steps' cache, these runs' cache and the graphs' pool would otherwise add up
         torch.cuda.empty_cache()
         for first, batch in zip(firsts, batches):
-            graphs.warm_up(self.schedule.stage(first), batch, self.mtp_weights(first))
+            graphs.prime(self.schedule.stage(first), batch, self.mtp_weights(first))
         torch.cuda.empty_cache()
         for first, batch in zip(firsts, batches):
             self.set_rotary(first)
@@ -2665,7 +2737,7 @@ class Trainer:
             else:
                 log(f"warm-up: a worker compiled {worker.name} in {result[0]:.1f}s (GPU peak {result[1]:.1f} GiB)")
 
-    def warmup(self, log, launch_time):
+    def warm_up(self, log, launch_time):
         """Compile every graph on real batches (a training step and an eval forward at each warm-up
         step), then restore the initial model, optimizer, rotary and loader: warm-up trains nothing.
         Meanwhile worker processes compile the later graphs (--parallel_compile)."""
@@ -2680,7 +2752,7 @@ class Trainer:
         try:
             val_batch = [next(self.run.val_batches(VAL_BATCH_TOKENS))]
             loader = self.loader()
-            for step in self.schedule.warmup_steps():
+            for step in self.schedule.warm_up_steps():
                 stage = self.schedule.stage(step)
                 log(f"warm-up step {step} ({self.schedule.stage(step).name}): "
                     f"{time.perf_counter() - launch_time:.0f}s since launch")
@@ -2713,7 +2785,7 @@ class Trainer:
         then stage N's first steps, the last profiled_steps under torch.profiler: a Chrome trace in
         logs/ and GPU time per step by category."""
         from torch.profiler import ProfilerActivity, profile
-        self.warmup(log, launch_time)
+        self.warm_up(log, launch_time)
         self.log_launch_costs(log)
         self.emulate_eight_gpus(log)
         first = self.schedule.starts[self.run.hp.profile - 1]
@@ -2817,40 +2889,24 @@ class Trainer:
             log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt_host:>16.2f}{opt_gpu:>9.2f}")
 
     def train(self, log, launch_time):
-        self.warmup(log, launch_time)
-        schedule, total_steps = self.schedule, self.schedule.total
+        self.warm_up(log, launch_time)
+        schedule, hp = self.schedule, self.run.hp
         loader = self.loader()
-        graphs_after_warmup = counters["stats"]["unique_graphs"]
-        clock = TrainingClock(total_steps, log, f"Lower the learning rates (--adam_lr {self.run.hp.adam_lr}, --muon_lr "
-                                                f"{self.run.hp.muon_lr}) or check the data.")
-        batches = self.micro_batches(loader, 0)
-        for step in range(total_steps + 1):
-            last = step == total_steps
-            validating = last or (self.run.hp.val_loss_every and step % self.run.hp.val_loss_every == 0)
-            new_stage = 0 < step < total_steps and schedule.stage_index(step) != schedule.stage_index(step - 1)
-            if clock.running and (validating or new_stage):
-                clock.stop()
-            if validating:
-                windows = FINAL_VAL_WINDOWS if last else schedule.stage(step).windows
-                val_loss = self.validate(windows)
-                log(f"step:{step}/{total_steps} val_loss:{val_loss:.4f} train_time:{1000 * clock.seconds:.0f}ms "
-                    f"step_avg:{1000 * clock.seconds / max(step, 1):.2f}ms")
-            if last:
-                break
-            if not clock.running:
-                clock.start(schedule.stage_index(step))
+        graphs_after_warm_up = counters["stats"]["unique_graphs"]
+        clock = TrainingClock(schedule.total, log, f"Lower the learning rates (--adam_lr {hp.adam_lr}, --muon_lr "
+                                                   f"{hp.muon_lr}) or check the data.")
+
+        def launch_step(step, batches):
             self.apply_yarn(step)
             self.train_step(step, batches)
-            clock.launched(step, self.step_loss)
-            if step + 1 < total_steps:  # the host builds the next step's batches while the GPU computes
-                batches = self.micro_batches(loader, step + 1)
-            clock.keep_up()
+            return self.step_loss
+        timed_loop(schedule, hp.val_loss_every, clock, functools.partial(self.micro_batches, loader), launch_step,
+                   self.validate, log)
         for name, first, end in schedule.stage_ranges():
-            stage = schedule.stage_index(first)
-            log(f"{name} (steps {first}-{end - 1}): {1000 * clock.stage_seconds[stage] / (end - first):.1f} ms/step")
-        if counters["stats"]["unique_graphs"] > graphs_after_warmup:
-            log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warmup} graph(s) compiled after the "
-                "warm-up: the step times above include their compilation (Schedule.warmup_steps misses a path)")
+            log(f"{name} (steps {first}-{end - 1}): {clock.stage_ms(first, end):.1f} ms/step")
+        if counters["stats"]["unique_graphs"] > graphs_after_warm_up:
+            log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warm_up} graph(s) compiled after the "
+                "warm-up: the step times above include their compilation (Schedule.warm_up_steps misses a path)")
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         if self.run.hp.save_checkpoint:

@@ -303,14 +303,12 @@ def run_optimizer(rank, world_size, sparse, port, out_dir, device_type="cpu"):
     opt = tg.NorMuonAdam(model, rank, world_size, sparse_bigram=sparse)
     for step in range(STEPS):
         adam_step = step % 2 == 1
-        for slot in range(rank, 8, world_size):
-            grads, rows = slot_gradients(model, step, slot)
+        slots = [slot_gradients(model, step, slot) for slot in range(rank, 8, world_size)]
+        opt.before_forward([rows for _, rows in slots], adam_step)
+        for grads, _ in slots:
             for name, p in model.named_parameters():
                 grad = grads[name].to(device)
                 p.grad = grad if p.grad is None else p.grad + grad
-            opt.add_bigram_rows(rows)
-        if sparse and adam_step:
-            opt.prepare_bigram_exchange()
         opt.step(lr_multiplier=1.0 - 0.05 * step, momentum=0.9, adam_step=adam_step)
         if step == SPLIT_STEP:
             opt.untie()
@@ -448,7 +446,7 @@ def test_record_schedule():
     s = tg.Schedule(1450, 40)
     assert s.starts == [0, 483, 967, 1450] and s.total == 1490 and s.split_step == 967
     assert [s.stage_index(x) for x in (0, 482, 483, 966, 967, 1449, 1450, 1489)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert s.warmup_steps() == [0, 1, 483, 484, 967, 968, 1450, 1451]
+    assert s.warm_up_steps() == [0, 1, 483, 484, 967, 968, 1450, 1451]
     assert s.stage(0).batch_tokens == 131072 and s.stage(483).max_seq_len == 2048 and s.stage(1450).windows == (6, 13)
 
 
@@ -492,6 +490,55 @@ def test_adam_steps_and_the_split_step():
     assert [s.adam_step(x) for x in (0, 1, 2, 966, 967, 968, 969)] == [False, True, False, False, True, False, True]
     short = tg.Schedule(150, 10)
     assert short.split_step == 100 and short.adam_step(100) and short.adam_step(99) and short.adam_step(101)
+
+
+class RecordingClock:
+    """TrainingClock's interface on the host: it records when it starts and stops."""
+
+    def __init__(self, events):
+        self.events, self.running, self.seconds = events, False, 0.0
+
+    def start(self):
+        self.running = True
+        self.events.append(("start",))
+
+    def stop(self):
+        self.running = False
+        self.events.append(("stop",))
+
+    def launched(self, step, step_loss):
+        self.events.append(("launched", step))
+
+    def keep_up(self):
+        pass
+
+
+@pytest.mark.parametrize("val_loss_every", [0, 1, 7])
+def test_every_training_batch_is_drawn_on_the_clock(val_loss_every):
+    """The record's clock times its first batch's load: so must ours, and every later draw too."""
+    schedule, events = tg.Schedule(30, 3), []
+    clock = RecordingClock(events)
+
+    def draw_batches(step):
+        events.append(("draw", step, clock.running))
+        return [f"batch {step}"]
+
+    def launch_step(step, batches):
+        assert batches == [f"batch {step}"]
+        return torch.zeros(())
+
+    def validate(windows):
+        events.append(("validate", clock.running))
+        return 1.0
+    tg.timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, validate, lambda line: None)
+    draws = [event for event in events if event[0] == "draw"]
+    assert [step for _, step, _ in draws] == list(range(schedule.total))
+    assert all(on_clock for _, _, on_clock in draws), "a batch was drawn with the clock stopped"
+    assert events.index(("start",)) < events.index(draws[0])
+    assert [event[1] for event in events if event[0] == "launched"] == list(range(schedule.total))
+    validations = [event for event in events if event[0] == "validate"]
+    expected = len(range(0, schedule.total, val_loss_every)) + 1 if val_loss_every else 1
+    assert len(validations) == expected and not any(on_clock for _, on_clock in validations)
 
 
 def test_command_line():
