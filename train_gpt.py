@@ -2491,6 +2491,23 @@ def top_kernels(kernels, steps, n=PROFILE_TOP_KERNELS):
             for name, total in totals.most_common(n)]
 
 
+RECORD_SCHEDULE = (1450, 40)  # the record's scheduled and extension steps, the defaults
+# 8xH100 training times to compare with: the record whose math this script runs, and upstream's newest
+RECORD_74_SECONDS, CURRENT_RECORD = 88.8, ("#89 (2026-07-17)", 73.8)
+
+
+def projected_record_time(stage_ms):
+    """One line: the eight-GPU emulation's ms per step (by stage index; the extension, if not measured,
+    at the last stage's shapes) summed over the record's schedule, beside the records' times."""
+    schedule = Schedule(*RECORD_SCHEDULE)
+    seconds = sum(stage_ms.get(schedule.stage_index(first), stage_ms[len(STAGES) - 1]) * (end - first)
+                  for _, first, end in schedule.stage_ranges()) / 1000
+    name, record_seconds = CURRENT_RECORD
+    return (f"projected 8xH100 training time over the record's {'+'.join(map(str, RECORD_SCHEDULE))} steps: "
+            f"{seconds:.1f} s before communication (the 8xH100 records: #74, this script's math, "
+            f"{RECORD_74_SECONDS} s; upstream's newest, {name}, {record_seconds} s)")
+
+
 SLEEP_CYCLES = 400_000_000  # about 0.2 s of an H100's or H200's clock: far longer than launching a step
 
 
@@ -2862,6 +2879,7 @@ class Trainer:
         would be too low), the optimizer step's GPU time taken apart (free of launch gaps) and 1 ms. A
         step stays within it only if the host keeps ahead of the GPU."""
         optimizer = self.new_optimizer(0, 8, communicate=False)
+        stage_ms = {}
         log(f"EIGHT-GPU EMULATION on this one GPU (one rank's work: one micro-batch per step, the optimizer on a "
             f"1/8 shard, no communication), ms; mean of {timed_steps} steps, timed as training is:")
         log(f"{'stage':<11}{'ms/step':>9}{'budget':>9}{'micro-batch GPU':>17}{'optimizer host':>16}{'GPU':>9}")
@@ -2887,6 +2905,8 @@ class Trainer:
             opt_host, opt_gpu = self.time_optimizer_step(first, optimizer)
             budget = micro + opt_gpu + 1
             log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt_host:>16.2f}{opt_gpu:>9.2f}")
+            stage_ms[self.schedule.stage_index(first)] = ms
+        log(projected_record_time(stage_ms))
 
     def train(self, log, launch_time):
         self.warm_up(log, launch_time)

@@ -846,6 +846,15 @@ def test_preflight_plans_the_profiles_prefetch_at_the_next_stage_when_the_stage_
     assert [stage.name for stage in stages] == ["stage 2"] * 6 + ["stage 3"]
 
 
+def test_projected_record_time_sums_the_record_schedule():
+    # the record's stages have 483, 484, 483 and 40 steps
+    line = tg.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0, 3: 61.0})
+    assert "60.4 s before communication" in line and "88.8 s" in line and "73.8 s" in line
+    # a run without an extension: the extension at stage 3's rate
+    assert "60.4 s" in tg.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0})
+    assert "66.8 s" in tg.projected_record_time({0: 30.0, 1: 40.0, 2: 60.0, 3: 100.0})
+
+
 def test_profile_table_counts_overlaps_once_and_the_idle_time():
     kernels = [("nvjet_tst_NNN", 0, 400), ("triton_poi_fused_0", 300, 500),  # two streams overlap by 100
                ("_softcap_ce_kernel", 600, 700), ("triton_poi_fused_lerp", 800, 1000)]
