@@ -289,60 +289,80 @@ def random_logits_and_targets(rows, vocab, distinct_targets=None):
     return logits, targets
 
 
-# the tanh.approx sigmoid runs a PTX instruction, which the interpreter cannot
-FAST_SIGMOID = [False, pytest.param(True, marks=pytest.mark.skipif(not GPU, reason="tanh.approx is PTX: needs a GPU"))]
-
-
 @pytest.mark.parametrize("weights", MTP_WEIGHTS)
-@pytest.mark.parametrize("fast", FAST_SIGMOID)
-def test_softcap_ce_losses(weights, fast):
+def test_softcap_ce_losses(weights):
     logits, targets = random_logits_and_targets(CE_ROWS, VOCAB)
     w = torch.tensor(weights, device=DEVICE)
-    losses = tg.softcap_ce(logits, targets, w, fast=fast)
+    losses = tg.softcap_ce(logits, targets, w)
     ref = reference_mtp_losses(logits, targets, weights)
-    assert rel_err(losses, ref) < (1e-5 if not fast else 1e-4)
+    assert rel_err(losses, ref) < 1e-5
     assert losses[-len(weights):].abs().min() > 0  # the last rows, short of targets ahead, still get a loss
 
 
-@pytest.mark.parametrize("weights", MTP_WEIGHTS)
-@pytest.mark.parametrize("distinct_targets", [None, 2])
-@pytest.mark.parametrize("grad_dtype", [torch.float32, pytest.param(torch.float8_e5m2, marks=pytest.mark.skipif(
-    not GPU, reason="the Triton 3.6 interpreter rounds to fp8 wrongly when rounding carries into the exponent"))])
-@pytest.mark.parametrize("fast", FAST_SIGMOID)
-def test_softcap_ce_gradient(weights, distinct_targets, grad_dtype, fast):
-    logits, targets = random_logits_and_targets(CE_ROWS, VOCAB, distinct_targets)
-    w = torch.tensor(weights, device=DEVICE)
-    multiplier = 1 / tg.GRAD_SCALE
-    grad = poisoned(*logits.shape, dtype=grad_dtype)
-    losses = tg.softcap_ce(logits, targets, w, grad, multiplier, fast=fast)
-    leaf = logits.detach().double().requires_grad_()
-    ref = reference_mtp_losses(leaf, targets, weights)
-    (ref.sum() * multiplier).backward()
-    assert rel_err(losses, ref.detach()) < (1e-5 if not fast else 1e-4)
-    # e5m2 keeps 2 mantissa bits: elementwise rounding of up to 1/8 relative, ~7% in norm.
-    assert rel_err(grad.float(), leaf.grad) < (0.1 if grad_dtype == torch.float8_e5m2 else 1e-5 if not fast else 1e-4)
+def every_bf16_logit():
+    """Every finite bf16 value, in order."""
+    logits = torch.arange(-2 ** 15, 2 ** 15, device=DEVICE, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return logits[torch.isfinite(logits)]
 
 
 @triton.jit
-def _sigmoids_kernel(logits_ptr, exact_ptr, fast_ptr, n, BLOCK: tl.constexpr):
+def _sigmoids_kernel(logits_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + offsets, mask=offsets < n).to(tl.float32)
-    exact = tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, False)
-    fast = tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR, True)
-    tl.store(exact_ptr + offsets, exact, mask=offsets < n)
-    tl.store(fast_ptr + offsets, fast, mask=offsets < n)
+    tl.store(out_ptr + offsets, tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR), mask=offsets < n)
 
 
-@needs_gpu
-def test_fast_sigmoid_error_on_every_bf16_logit():
-    """The tanh.approx sigmoid against fp64 on every finite bf16 value: the bound its comment states."""
-    logits = torch.arange(-2 ** 15, 2 ** 15, device=DEVICE, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    logits = logits[torch.isfinite(logits)]
-    exact, fast = poisoned(logits.numel(), dtype=torch.float32), poisoned(logits.numel(), dtype=torch.float32)
-    _sigmoids_kernel[(triton.cdiv(logits.numel(), 1024),)](logits, exact, fast, logits.numel(), BLOCK=1024)
+CUDA_SIGMOIDS = r"""
+extern "C" __global__ void sigmoids(const unsigned short* logits, float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = softcap_sigmoid(bf16_low(logits[i]));
+}
+"""
+needs_nvrtc = pytest.mark.skipif(not GPU, reason="the training loss's kernel is CUDA C++ compiled by NVRTC: needs a GPU")
+
+
+def test_sigmoid_error_on_every_bf16_logit():
+    """Evaluation's sigmoid (Triton) against fp64 on every finite bf16 value."""
+    logits = every_bf16_logit()
+    out = poisoned(logits.numel(), dtype=torch.float32)
+    _sigmoids_kernel[(triton.cdiv(logits.numel(), 1024),)](logits, out, logits.numel(), BLOCK=1024)
     ref = torch.sigmoid((logits.double() + tg.SOFTCAP_SHIFT) / tg.SOFTCAP_DIVISOR)
-    assert (exact.double() - ref).abs().max().item() < 1e-6
-    assert (fast.double() - ref).abs().max().item() < 4e-6  # 3.7e-6 measured on an H200
+    assert (out.double() - ref).abs().max().item() < 1e-6
+
+
+@needs_nvrtc
+def test_cuda_sigmoid_error_on_every_bf16_logit():
+    """The training loss's tanh.approx sigmoid (the CUDA kernel's own function) on every finite bf16
+    value: the bound its comment states."""
+    logits = every_bf16_logit()
+    out = poisoned(logits.numel(), dtype=torch.float32)
+    kernel = tg.compile_cuda_kernel(tg.SOFTCAP_CE_SOURCE + CUDA_SIGMOIDS, "sigmoids", VOCAB=VOCAB, THREADS=256,
+                                    UNROLL=1, BLOCKS_PER_SM=1, **tg.SOFTCAP_DEFINES)
+    kernel(grid=(triton.cdiv(logits.numel(), 256), 1, 1), block=(256, 1, 1), args=[logits, out, logits.numel()])
+    ref = torch.sigmoid((logits.double() + tg.SOFTCAP_SHIFT) / tg.SOFTCAP_DIVISOR)
+    assert (out.double() - ref).abs().max().item() < 4e-6  # 3.7e-6 measured on an H200
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("weights", MTP_WEIGHTS)
+@pytest.mark.parametrize("logits_kind", ["random", "random, 2 distinct targets", "every bf16 value"])
+def test_softcap_ce_with_grad(weights, logits_kind):
+    logits, targets = random_logits_and_targets(CE_ROWS, VOCAB, 2 if "2 distinct" in logits_kind else None)
+    if logits_kind == "every bf16 value":  # the huge ones saturate the softcap
+        values = every_bf16_logit()
+        logits.view(-1)[:values.numel()] = values[torch.randperm(values.numel(), device=DEVICE)]
+    w = torch.tensor(weights, device=DEVICE)
+    multiplier = 1 / tg.GRAD_SCALE
+    poison = poisoned(*logits.shape, dtype=torch.float8_e5m2)
+    del poison  # freed NaNs: the caching allocator hands the op's gradient this block
+    losses, grad = tg.softcap_ce_with_grad(logits, targets, w, multiplier)
+    leaf = logits.detach().double().requires_grad_()
+    ref = reference_mtp_losses(leaf, targets, weights)
+    (ref.sum() * multiplier).backward()
+    assert rel_err(losses, ref.detach()) < 1e-4
+    # e5m2 keeps 2 mantissa bits: elementwise rounding of up to 1/8 relative, ~7% in norm.
+    assert rel_err(grad.float(), leaf.grad) < 0.1
+    assert losses[-len(weights):].abs().min() > 0
 
 
 @needs_gpu
@@ -603,10 +623,8 @@ def _sweep_rows():
     one = torch.ones((), device="cuda")
     x_f8, w_f8 = x.to(torch.float8_e4m3fn), w_head.to(torch.float8_e4m3fn)
     pieces = {
-        "CE kernel, exact sigmoid, loss only": lambda: tg.softcap_ce(logits, targets, mtp),
-        "CE kernel, exact sigmoid, loss + gradient": lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0),
-        "CE kernel, fast sigmoid, loss + gradient":
-            lambda: tg.softcap_ce(logits, targets, mtp, grad_f8, 100.0, fast=True),
+        "CE kernel (Triton, evaluation's), loss only": lambda: tg.softcap_ce(logits, targets, mtp),
+        "CE kernel (CUDA, training's), loss + gradient": lambda: tg.softcap_ce_with_grad(logits, targets, mtp, 100.0),
         "e4m3 logits matmul": lambda: torch._scaled_mm(x_f8, tg.transposed(w_f8).mT, scale_a=one, scale_b=one,
                                                        out_dtype=torch.bfloat16, use_fast_accum=True),
         "grad_x matmul": lambda: torch._scaled_mm(grad_f8, w_f8.mT, scale_a=one, scale_b=one,
@@ -617,6 +635,14 @@ def _sweep_rows():
     }
     for name, fn in pieces.items():
         rows.append((f"{name} (16384 rows)", _median_us(fn)))
+    del logits, grad_f8
+    logits = _bf16(49152, 50304, scale=4)
+    targets = torch.randint(0, 50304, (49152,), device="cuda")
+    for cfg in (dict(), dict(threads=1024, unroll=2), dict(threads=256, unroll=4, blocks_per_sm=4),
+                dict(threads=512, unroll=1), dict(threads=512, unroll=8)):  # the default first
+        rows.append((f"CE kernel (CUDA), loss + gradient, 49152 rows {cfg}",
+                     _median_us(lambda: tg.softcap_ce_with_grad(logits, targets, mtp, 100.0, **cfg))))
+    rows.append(("CE kernel (Triton), loss only, 49152 rows", _median_us(lambda: tg.softcap_ce(logits, targets, mtp))))
     return rows
 
 

@@ -15,6 +15,7 @@ Sections, in file order, with where to start reading each:
 import argparse
 import collections
 import concurrent.futures
+import ctypes
 import functools
 import glob
 import hashlib
@@ -638,34 +639,18 @@ X_SCALE, W_SCALE, GRAD_SCALE = 100 / 448, 1.6 / 448, 0.75 / 448
 
 
 @triton.jit
-def _tanh_approx(x):
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _softcap_sigmoid(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr, FAST: tl.constexpr):
-    """sigmoid((logits + SHIFT) / DIVISOR). These kernels are bound by special-function throughput:
-    exact, it costs an exp2 and an approximate reciprocal (IEEE division would cost several
-    instructions more); FAST, one tanh.approx, as 0.5 + 0.5 tanh(u / 2). FAST is off by at most 4e-6
-    over every bf16 logit (kernels_test.py), far below the bf16 rounding of the logits themselves;
-    the training loss uses it (-5 ms per stage-3 step), evaluation keeps the exact sigmoid."""
+def _softcap_sigmoid(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr):
+    """sigmoid((logits + SHIFT) / DIVISOR): an exp2 and an approximate reciprocal (IEEE division would
+    cost several instructions more in a kernel bound by special-function throughput)."""
     u = (logits + SHIFT) * (1.0 / DIVISOR)
-    if FAST:
-        return 0.5 + 0.5 * _tanh_approx(0.5 * u)
     return tl.fdiv(1.0, 1.0 + tl.exp2(u * -1.4426950408889634), ieee_rounding=False)
 
 
 @triton.jit
-def _softcap_ce_kernel(
-    logits_ptr, targets_ptr, weights_ptr, loss_ptr, grad_ptr, n_rows, n_cols, stride_row, stride_grad_row,
-    grad_multiplier, SOFTCAP: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
-    NUM_PREDICTIONS: tl.constexpr, PREDICTIONS_P2: tl.constexpr, BLOCK_V: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, FAST: tl.constexpr,
-):
-    # One program per row. First pass: logsumexp and the row's loss. Second pass (WRITE_GRAD):
-    # d loss / d logit = grad_multiplier * (S * softmax(z) - sum_k w_k onehot(target_k)) * dz/dlogit
-    # with S = sum_k w_k, written for every column; the few target columns are then rewritten with
-    # their one-hot terms.
+def _softcap_ce_kernel(logits_ptr, targets_ptr, weights_ptr, loss_ptr, n_rows, n_cols, stride_row,
+                       SOFTCAP: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
+                       NUM_PREDICTIONS: tl.constexpr, PREDICTIONS_P2: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One program per row: logsumexp, then the row's loss.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     k = tl.arange(0, PREDICTIONS_P2)
@@ -676,40 +661,175 @@ def _softcap_ce_kernel(
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         logits = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        sum_exp += tl.where(cols < n_cols, tl.exp(SOFTCAP * _softcap_sigmoid(logits, SHIFT, DIVISOR, FAST)), 0.0)
+        sum_exp += tl.where(cols < n_cols, tl.exp(SOFTCAP * _softcap_sigmoid(logits, SHIFT, DIVISOR)), 0.0)
     lse = tl.log(tl.sum(sum_exp, axis=0))
-    target_sig = _softcap_sigmoid(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR,
-                                  FAST)
+    target_sig = _softcap_sigmoid(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR)
     tl.store(loss_ptr + row, tl.sum(tl.where(valid, weights * (lse - SOFTCAP * target_sig), 0.0), axis=0))
-    if WRITE_GRAD:
-        weight_sum = tl.sum(weights, axis=0)
-        scale = tl.cast(grad_multiplier, tl.float32) * (SOFTCAP / DIVISOR)
-        grad_row_ptr = grad_ptr + row * stride_grad_row
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            sig = _softcap_sigmoid(tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32), SHIFT,
-                                   DIVISOR, FAST)
-            grad = (scale * weight_sum) * tl.exp(SOFTCAP * sig - lse) * sig * (1.0 - sig)
-            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
-        tl.debug_barrier()  # the rewrites below must land after this program's stores above
-        onehot = tl.sum(tl.where(targets[:, None] == targets[None, :], weights[None, :], 0.0), axis=1)
-        grad = scale * (weight_sum * tl.exp(SOFTCAP * target_sig - lse) - onehot) * target_sig * (1.0 - target_sig)
-        tl.store(grad_row_ptr + targets, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def softcap_ce(logits, targets, mtp_weights, grad=None, grad_multiplier=1.0, fast=False):
-    """Per-row MTP losses (fp32) of the softcapped logits. With grad given, also writes into it (in its
-    dtype) the gradient of their sum times grad_multiplier. fast: the tanh.approx sigmoid (CUDA only)."""
+def softcap_ce(logits, targets, mtp_weights):
+    """Per-row MTP losses (fp32) of the softcapped logits: evaluation's (the training loss writes its
+    gradient too: softcap_ce_with_grad)."""
     n_rows, n_cols = logits.shape
     n = mtp_weights.numel()
     losses = logits.new_empty(n_rows, dtype=torch.float32)
-    # 4 warps: 3286 vs 3644 us at 8 per stage-3 micro-batch (16 and 32 were slower still; docs/performance.md)
     _softcap_ce_kernel[(n_rows,)](
-        logits, targets, mtp_weights, losses, logits if grad is None else grad, n_rows, n_cols, logits.stride(0),
-        0 if grad is None else grad.stride(0), grad_multiplier, SOFTCAP=SOFTCAP, SHIFT=SOFTCAP_SHIFT,
+        logits, targets, mtp_weights, losses, n_rows, n_cols, logits.stride(0), SOFTCAP=SOFTCAP, SHIFT=SOFTCAP_SHIFT,
         DIVISOR=SOFTCAP_DIVISOR, NUM_PREDICTIONS=n, PREDICTIONS_P2=triton.next_power_of_2(n), BLOCK_V=1024,
-        WRITE_GRAD=grad is not None, FAST=fast, num_warps=4)
+        num_warps=4)
     return losses
+
+
+# The training loss's kernel is CUDA C++, compiled at the first call by NVRTC (PyTorch's CUDA builds
+# ship it; no CUDA toolkit needed). A block per row copies the row's bf16 logits into shared memory
+# (100 KB) as it sums their exponentials, then writes the e5m2 gradient from there: the logits are
+# read from memory once, not twice as a Triton kernel must (Triton cannot place a row in shared
+# memory, and one held in registers spills: docs/performance.md). Per element it computes what
+# reference_mtp_losses does, with the sigmoid as 0.5 + 0.5 tanh.approx(u / 2) (within 4e-6 of the
+# exact one over every bf16 logit, far below the logits' own rounding). Then the row's few target
+# columns are rewritten with their one-hot terms. 512 threads and two blocks per SM: 3.13 ms against
+# the Triton kernel's 4.16 at a stage-3 micro-batch on one H100 (kernels_test.py --bench --sweep).
+SOFTCAP_CE_SOURCE = r"""
+#define VECTORS (VOCAB / 8)  // of 8 bf16, 16 bytes
+
+__device__ __forceinline__ float bf16_low(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_high(unsigned int w) { return __uint_as_float(w & 0xFFFF0000u); }
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+__device__ __forceinline__ float exp_approx(float x) {
+    float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f)); return y;
+}
+__device__ __forceinline__ float softcap_sigmoid(float logit) {
+    return 0.5f + 0.5f * tanh_approx(0.5f * ((logit + SHIFT) * INV_DIVISOR));
+}
+__device__ __forceinline__ float sum_exp(unsigned int w) {
+    return exp_approx(SOFTCAP * softcap_sigmoid(bf16_low(w))) + exp_approx(SOFTCAP * softcap_sigmoid(bf16_high(w)));
+}
+__device__ __forceinline__ float grad_of(float logit, float coef, float lse) {
+    float sig = softcap_sigmoid(logit);
+    return coef * exp_approx(SOFTCAP * sig - lse) * sig * (1.0f - sig);
+}
+// two floats as two e5m2 bytes (lo in the low byte), rounded to nearest, saturated to the largest finite
+__device__ __forceinline__ unsigned int e5m2x2(float lo, float hi) {
+    unsigned short d; asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ unsigned int grads4(unsigned int a, unsigned int b, float coef, float lse) {
+    return e5m2x2(grad_of(bf16_low(a), coef, lse), grad_of(bf16_high(a), coef, lse))
+        | (e5m2x2(grad_of(bf16_low(b), coef, lse), grad_of(bf16_high(b), coef, lse)) << 16);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) softcap_ce_with_grad(
+    const uint4* __restrict__ logits, const long long* __restrict__ targets, const float* __restrict__ weights,
+    float* __restrict__ losses, uint2* __restrict__ grad, int n_rows, int n_predictions, double grad_multiplier)
+{
+    extern __shared__ uint4 row[];
+    __shared__ float partial[THREADS / 32];
+    const long long r = blockIdx.x;
+    const uint4* src = logits + r * VECTORS;
+    float sum = 0.0f;
+    #pragma unroll UNROLL
+    for (int v = threadIdx.x; v < VECTORS; v += THREADS) {
+        uint4 x = src[v];
+        row[v] = x;
+        sum += sum_exp(x.x) + sum_exp(x.y) + sum_exp(x.z) + sum_exp(x.w);
+    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+    __syncthreads();
+    sum = 0.0f;
+    for (int i = 0; i < THREADS / 32; i++) sum += partial[i];
+    const float lse = __logf(sum);
+    const unsigned short* row_bf16 = (const unsigned short*)row;
+    float weight_sum = 0.0f;  // of the predictions whose target lies inside the batch
+    for (int k = 0; k < n_predictions && r + k < n_rows; k++) weight_sum += weights[k];
+    if (threadIdx.x == 0) {
+        float loss = 0.0f;
+        for (int k = 0; k < n_predictions && r + k < n_rows; k++)
+            loss += weights[k] * (lse - SOFTCAP * softcap_sigmoid(bf16_low(row_bf16[targets[r + k]])));
+        losses[r] = loss;
+    }
+    const float scale = (float)grad_multiplier * SOFTCAP_OVER_DIVISOR;
+    uint2* dst = grad + r * VECTORS;
+    #pragma unroll UNROLL
+    for (int v = threadIdx.x; v < VECTORS; v += THREADS) {
+        uint4 x = row[v];
+        dst[v] = make_uint2(grads4(x.x, x.y, scale * weight_sum, lse), grads4(x.z, x.w, scale * weight_sum, lse));
+    }
+    __syncthreads();  // the rewrites below land after every store above
+    if (threadIdx.x < n_predictions && r + threadIdx.x < n_rows) {
+        long long target = targets[r + threadIdx.x];
+        float sig = softcap_sigmoid(bf16_low(row_bf16[target])), onehot = 0.0f;
+        for (int k = 0; k < n_predictions && r + k < n_rows; k++) onehot += targets[r + k] == target ? weights[k] : 0.0f;
+        float g = scale * (weight_sum * exp_approx(SOFTCAP * sig - lse) - onehot) * sig * (1.0f - sig);
+        ((unsigned char*)grad)[r * VOCAB + target] = e5m2x2(g, 0.0f) & 0xFF;
+    }
+}
+"""
+SOFTCAP_CE_THREADS, SOFTCAP_CE_UNROLL = 512, 4
+SOFTCAP_CE_BLOCKS_PER_SM = 2  # each holds a row: 2 x 100 KB of the H100's 228 KB of shared memory
+SOFTCAP_DEFINES = dict(SOFTCAP=f"{SOFTCAP!r}f", SHIFT=f"{SOFTCAP_SHIFT!r}f", INV_DIVISOR=f"{1 / SOFTCAP_DIVISOR!r}f",
+                       SOFTCAP_OVER_DIVISOR=f"{SOFTCAP / SOFTCAP_DIVISOR!r}f")  # as fp32 literals
+
+
+def compile_cuda_kernel(source, name, **defines):
+    """The extern "C" kernel name of CUDA C++ source (no #include), compiled by NVRTC for the current
+    GPU, the defines prepended as #define lines."""
+    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
+    nvrtc = _get_gpu_rtc_library()
+    source = "".join(f"#define {key} {value}\n" for key, value in defines.items()) + source
+    program = ctypes.c_void_p()
+    nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), f"{name}.cu".encode(), 0, None, None)
+    major, minor = torch.cuda.get_device_capability()
+    options = (ctypes.c_char_p * 1)(f"--gpu-architecture=sm_{major}{minor}".encode())
+    try:
+        if nvrtc.nvrtcCompileProgram(program, len(options), options) != 0:
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC could not compile {name}:\n{log.value.decode()}")
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetCUBIN(program, cubin)
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return _cuda_load_module(cubin.raw, [name])[name]
+
+
+@functools.cache
+def softcap_ce_cuda_kernel(device_index, vocab, threads, unroll, blocks_per_sm):
+    """softcap_ce_with_grad's kernel for one GPU and vocabulary size (a kernel is loaded per GPU)."""
+    kernel = compile_cuda_kernel(SOFTCAP_CE_SOURCE, "softcap_ce_with_grad", VOCAB=vocab, THREADS=threads,
+                                 UNROLL=unroll, BLOCKS_PER_SM=blocks_per_sm, **SOFTCAP_DEFINES)
+    kernel.set_shared_memory_config(2 * vocab)
+    return kernel
+
+
+@torch.library.custom_op("speedrun::softcap_ce_with_grad", mutates_args=())
+def softcap_ce_with_grad(logits: torch.Tensor, targets: torch.Tensor, mtp_weights: torch.Tensor,
+                         grad_multiplier: float, threads: int = SOFTCAP_CE_THREADS, unroll: int = SOFTCAP_CE_UNROLL,
+                         blocks_per_sm: int = SOFTCAP_CE_BLOCKS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row MTP losses (fp32) of the softcapped logits (CUDA, bf16, contiguous rows of a multiple of
+    8 columns; targets int64), and the e5m2 gradient of their sum times grad_multiplier."""
+    n_rows, n_cols = logits.shape
+    if not (logits.dtype == torch.bfloat16 and logits.is_contiguous() and n_cols % 8 == 0
+            and targets.dtype == torch.int64 and targets.is_contiguous() and mtp_weights.dtype == torch.float32):
+        raise ValueError("softcap_ce_with_grad takes contiguous bf16 logits of a multiple of 8 columns, int64 "
+                         "targets and float32 weights")
+    losses = logits.new_empty(n_rows, dtype=torch.float32)
+    grad = torch.empty_like(logits, dtype=torch.float8_e5m2)
+    kernel = softcap_ce_cuda_kernel(logits.device.index, n_cols, threads, unroll, blocks_per_sm)
+    kernel(grid=(n_rows, 1, 1), block=(threads, 1, 1), shared_mem=2 * n_cols,
+           args=[logits, targets, mtp_weights, losses, grad, n_rows, mtp_weights.numel(), float(grad_multiplier)])
+    return losses, grad
+
+
+@softcap_ce_with_grad.register_fake
+def _(logits, targets, mtp_weights, grad_multiplier, threads=SOFTCAP_CE_THREADS, unroll=SOFTCAP_CE_UNROLL,
+      blocks_per_sm=SOFTCAP_CE_BLOCKS_PER_SM):
+    return logits.new_empty(logits.size(0), dtype=torch.float32), torch.empty_like(logits, dtype=torch.float8_e5m2)
 
 
 class FP8SoftcapMTPLoss(torch.autograd.Function):
@@ -728,8 +848,7 @@ class FP8SoftcapMTPLoss(torch.autograd.Function):
         w_f8 = w.div(W_SCALE).to(torch.float8_e4m3fn)
         logits = torch._scaled_mm(x_f8, transposed(w_f8).mT, scale_a=x_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        grad_f8 = torch.empty_like(logits, dtype=torch.float8_e5m2)
-        losses = softcap_ce(logits, targets, mtp_weights, grad_f8, 1.0 / GRAD_SCALE, fast=True)
+        losses, grad_f8 = softcap_ce_with_grad(logits, targets, mtp_weights, 1.0 / GRAD_SCALE)
         ctx.save_for_backward(x_f8, w_f8, x_scale, w_scale, grad_f8)
         ctx.w_dtype = w.dtype
         return losses.sum()
