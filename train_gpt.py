@@ -15,6 +15,7 @@ Sections, in file order, with where to start reading each:
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import glob
@@ -27,6 +28,7 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -52,6 +54,7 @@ from torch._dynamo.utils import compile_times, counters
 # j // world_size on rank j % world_size.
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+SYNTHETIC_WORD, SYNTHETIC_MARK = 3, 0x53594E54  # header word 3 of data/synthetic.py's shards (FineWeb's: 0)
 HEADER_BYTES = 4 * HEADER_WORDS
 BOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257  # a shard's token ids lie below this
@@ -112,6 +115,11 @@ def check_shard(path):
     else:
         fix = "Delete it and fetch or generate it again."
     raise DataError(f"{path} {problem}. {fix}")
+
+
+def is_synthetic(path):
+    """Whether data/synthetic.py made this (well-formed) shard."""
+    return int(np.fromfile(path, dtype="<i4", count=SYNTHETIC_WORD + 1)[SYNTHETIC_WORD]) == SYNTHETIC_MARK
 
 
 def load_shard(path):
@@ -2513,6 +2521,26 @@ def warm_cache_marker(attention, world_size):
     return os.path.join(cache_dir(), f"speedrun_warm_{key.hexdigest()[:16]}")
 
 
+HEARTBEAT_SECONDS = 15  # a cold compile runs a minute or more without a line
+
+
+@contextlib.contextmanager
+def heartbeat(log, what, launch_time, every=HEARTBEAT_SECONDS):
+    """Log a line every `every` seconds while the body runs, so a long compile shows it is alive."""
+    done = threading.Event()
+
+    def beat():
+        while not done.wait(every):
+            log(f"{what}: still running, {time.perf_counter() - launch_time:.0f}s since launch")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def compile_snapshot():
     """Cumulative compile timers of this process (seconds), cache counters, machine CPU seconds and the clock."""
     names, values = compile_times(repr="csv", aggregate=True)
@@ -2613,6 +2641,15 @@ def top_kernels(kernels, steps, n=PROFILE_TOP_KERNELS):
 RECORD_SCHEDULE = (1450, 40)  # the record's scheduled and extension steps, the defaults
 # 8xH100 training times to compare with: the record whose math this script runs, and upstream's newest
 RECORD_74_SECONDS, CURRENT_RECORD = 88.8, ("#89 (2026-07-17)", 73.8)
+RECORD_74_STAGE_MS = (32.5, 58.7, 85.3, 85.8)  # its published log's stages 1, 2, 3 and extension
+TARGET_VAL_LOSS = 3.28  # on FineWeb's validation tokens
+
+
+def target_verdict(val_loss, val_pattern):
+    """Whether the final validation loss reached the record's target; no target on synthetic data."""
+    if is_synthetic(shard_files(val_pattern)[0]):
+        return "synthetic data: no target"
+    return f"the {TARGET_VAL_LOSS} target {'reached' if val_loss <= TARGET_VAL_LOSS else 'NOT reached'}"
 
 
 def projected_record_time(stage_ms):
@@ -2660,11 +2697,17 @@ class TrainingClock:
     step's end is a CUDA event and its loss is copied to pinned memory, both read once the GPU has passed
     them: then the step is logged with its time on the clock, and a non-finite loss stops the run."""
 
-    def __init__(self, total_steps, log, advice):
-        self.total_steps, self.log, self.advice = total_steps, log, advice
+    def __init__(self, schedule, loss_divisors, log, advice):
+        """loss_divisors: per step, what turns the step's loss (this rank's, as the loop sums it) into a
+        mean per token."""
+        self.total_steps, self.loss_divisors, self.log, self.advice = schedule.total, loss_divisors, log, advice
+        self.stage_firsts = [schedule.starts[schedule.stage_index(step)] for step in range(schedule.total)]
+        # tokens of the steps before each step, for the time left
+        self.tokens_before = [0, *itertools.accumulate(schedule.stage(step).batch_tokens
+                                                       for step in range(schedule.total))]
         self.seconds = 0.0  # on the clock, up to the last stop
-        self.step_ends = [math.nan] * total_steps  # seconds on the clock at each step's end
-        self.losses = torch.zeros(total_steps, dtype=torch.float32).pin_memory()
+        self.step_ends = [math.nan] * self.total_steps  # seconds on the clock at each step's end
+        self.losses = torch.zeros(self.total_steps, dtype=torch.float32).pin_memory()
         self.pending = collections.deque()  # (step, its end event): launched, not yet logged
         self.running = None  # (host clock, start event) since the last start
 
@@ -2705,14 +2748,25 @@ class TrainingClock:
             raise TrainingError(f"the training loss is {loss} at step {step}: stopping. {self.advice}")
         self.step_ends[step] = self.seconds + self.running[1].elapsed_time(end) / 1000
         self.log(f"step:{step + 1}/{self.total_steps} train_time:{1000 * self.step_ends[step]:.0f}ms "
-                 f"step_avg:{1000 * self.step_ends[step] / (step + 1):.2f}ms")
+                 f"step_avg:{1000 * self.step_ends[step] / (step + 1):.2f}ms "
+                 f"train_loss:{loss / self.loss_divisors[step]:.4f} "
+                 f"time_left:{seconds_left(self.step_ends, self.tokens_before, self.stage_firsts[step], step):.0f}s")
+
+
+def seconds_left(step_ends, tokens_before, stage_first, step):
+    """Training time after step, at the rate per token of its stage so far (later stages take more
+    tokens per step); validations not included. step_ends: seconds on the clock at each step's end;
+    tokens_before: the tokens of the steps before each step, and of all at the end."""
+    seconds = step_ends[step] - (step_ends[stage_first - 1] if stage_first else 0.0)
+    rate = seconds / (tokens_before[step + 1] - tokens_before[stage_first])
+    return rate * (tokens_before[-1] - tokens_before[step + 1])
 
 
 def timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, validate, log):
     """Every step of the schedule on the clock; every val_loss_every steps (0: never) and at the end the
     clock stops for a validation. draw_batches(step): the step's micro-batches, drawn on the clock;
     launch_step(step, batches): launches the step, returns its loss on the GPU; validate(windows): the
-    validation loss."""
+    validation loss. Returns the final validation loss."""
     total, batches = schedule.total, None
     for step in range(total + 1):
         last = step == total
@@ -2723,7 +2777,7 @@ def timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, valid
             log(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{1000 * clock.seconds:.0f}ms "
                 f"step_avg:{1000 * clock.seconds / max(step, 1):.2f}ms")
         if last:
-            return
+            return val_loss
         if not clock.running:
             clock.start()
         if batches is None:  # step 0's: the first shard's load is on the clock, as in the record
@@ -2888,18 +2942,20 @@ class Trainer:
         try:
             val_batch = [next(self.run.val_batches(VAL_BATCH_TOKENS))]
             loader = self.loader()
-            for step in self.schedule.warm_up_steps():
+            steps = self.schedule.warm_up_steps()
+            for k, step in enumerate(steps, 1):
                 stage = self.schedule.stage(step)
-                log(f"warm-up step {step} ({self.schedule.stage(step).name}): "
-                    f"{time.perf_counter() - launch_time:.0f}s since launch")
+                what = f"warm-up step {k} of {len(steps)} (step {step}, {stage.name})"
+                log(f"{what}: {time.perf_counter() - launch_time:.0f}s since launch")
                 before = compile_snapshot()
-                self.apply_yarn(step)
-                self.await_worker(workers, graph_key(stage), log)
-                self.train_step(step, self.micro_batches(loader, step))
-                self.await_worker(workers, "eval", log)
-                self.validate(stage.windows, val_batch)
-                torch.cuda.synchronize()
-                log(f"warm-up step {step} done in {describe_compile(before, compile_snapshot())}")
+                with heartbeat(log, what, launch_time):
+                    self.apply_yarn(step)
+                    self.await_worker(workers, graph_key(stage), log)
+                    self.train_step(step, self.micro_batches(loader, step))
+                    self.await_worker(workers, "eval", log)
+                    self.validate(stage.windows, val_batch)
+                    torch.cuda.synchronize()
+                log(f"{what} done in {describe_compile(before, compile_snapshot())}")
         finally:
             for worker in workers.values():
                 worker.stop()
@@ -2957,6 +3013,17 @@ class Trainer:
         trace = trace_path(self.run.hp.run_id, self.run.rank)
         prof.export_chrome_trace(trace)
         log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
+
+    def summarize(self, log, clock, val_loss, wall_seconds):
+        """The run's last lines: what a speedrunner reads first."""
+        log("summary:")
+        log(f"  final val loss {val_loss:.4f} ({target_verdict(val_loss, self.run.hp.val_files)})")
+        log(f"  train time {clock.seconds:.1f} s on the clock; {wall_seconds:.0f} s from launch, warm-up included")
+        log(f"  {'stage':<11}{'steps':>11}{'ms/step':>10}  record #74 on 8xH100, ms/step")
+        for (name, first, end), record_ms in zip(self.schedule.stage_ranges(), RECORD_74_STAGE_MS):
+            log(f"  {name:<11}{f'{first}-{end - 1}':>11}{clock.stage_ms(first, end):>10.1f}  {record_ms}")
+        log(f"  peak memory {torch.cuda.max_memory_allocated() // 2**20:,} MiB allocated, "
+            f"{torch.cuda.max_memory_reserved() // 2**20:,} MiB reserved")
 
     def first_micro_batch(self, first_step):
         """This rank's first micro-batch at first_step's shapes, from the first shard."""
@@ -3032,22 +3099,23 @@ class Trainer:
         schedule, hp = self.schedule, self.run.hp
         loader = self.loader()
         graphs_after_warm_up = counters["stats"]["unique_graphs"]
-        clock = TrainingClock(schedule.total, log, f"Lower the learning rates (--adam_lr {hp.adam_lr}, --muon_lr "
-                                                   f"{hp.muon_lr}) or check the data.")
+        # step_loss is LOSS_SCALE times the sum of this rank's micro-batches' losses, each the sum over its
+        # tokens of the multi-token losses: per token, the MTP weights' weighted mean of the losses
+        loss_divisors = [LOSS_SCALE * self.run.grad_accum * schedule.stage(step).batch_tokens / SLOTS_PER_STEP
+                         * sum(schedule.mtp_weights(step)) for step in range(schedule.total)]
+        clock = TrainingClock(schedule, loss_divisors, log, f"Lower the learning rates (--adam_lr {hp.adam_lr}, "
+                                                            f"--muon_lr {hp.muon_lr}) or check the data.")
 
         def launch_step(step, batches):
             self.apply_yarn(step)
             self.train_step(step, batches)
             return self.step_loss
-        timed_loop(schedule, hp.val_loss_every, clock, functools.partial(self.micro_batches, loader), launch_step,
-                   self.validate, log)
-        for name, first, end in schedule.stage_ranges():
-            log(f"{name} (steps {first}-{end - 1}): {clock.stage_ms(first, end):.1f} ms/step")
+        val_loss = timed_loop(schedule, hp.val_loss_every, clock, functools.partial(self.micro_batches, loader),
+                              launch_step, self.validate, log)
         if counters["stats"]["unique_graphs"] > graphs_after_warm_up:
             log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warm_up} graph(s) compiled after the "
-                "warm-up: the step times above include their compilation (Schedule.warm_up_steps misses a path)")
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+                "warm-up: the step times include their compilation (Schedule.warm_up_steps misses a path)")
+        self.summarize(log, clock, val_loss, time.perf_counter() - launch_time)
         if self.run.hp.save_checkpoint:
             path = checkpoint_path(self.run.hp.run_id, self.run.rank)
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)

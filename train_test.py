@@ -1,12 +1,14 @@
 """Model and optimizer tests: a tiny fp32 model on CPU (reference attention, interpreter kernels),
 the optimizer against independent references, and the distributed optimizer with gloo in 1, 2 and
 4 processes. GPU tests (full-size compiled model, varlen attention, FP8 loss, NCCL) skip on CPU."""
+import itertools
 import json
 import math
 import re
 import os
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -530,7 +532,8 @@ def test_every_training_batch_is_drawn_on_the_clock(val_loss_every):
     def validate(windows):
         events.append(("validate", clock.running))
         return 1.0
-    tg.timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, validate, lambda line: None)
+    assert tg.timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, validate,
+                         lambda line: None) == 1.0  # the final validation's
     draws = [event for event in events if event[0] == "draw"]
     assert [step for _, step, _ in draws] == list(range(schedule.total))
     assert all(on_clock for _, _, on_clock in draws), "a batch was drawn with the clock stopped"
@@ -539,6 +542,38 @@ def test_every_training_batch_is_drawn_on_the_clock(val_loss_every):
     validations = [event for event in events if event[0] == "validate"]
     expected = len(range(0, schedule.total, val_loss_every)) + 1 if val_loss_every else 1
     assert len(validations) == expected and not any(on_clock for _, on_clock in validations)
+
+
+def test_seconds_left_at_the_stage_rate_per_token():
+    schedule = tg.Schedule(30, 3)  # stages of 10 steps, then 3 of the extension
+    tokens_before = [0, *itertools.accumulate(schedule.stage(step).batch_tokens for step in range(schedule.total))]
+    # stage 1 at 2 s per step, stage 2 at 3 s: stage 2 runs its 262,144 tokens a step at 3 / 262,144 s each
+    step_ends = [2.0 * (step + 1) for step in range(10)] + [20.0 + 3.0 * (step - 9) for step in range(10, 15)]
+    left = tg.seconds_left(step_ends, tokens_before, 10, 14)
+    remaining = 5 * 262144 + 13 * 393216  # stage 2's last 5 steps, stage 3's 10 and the extension's 3
+    assert left == pytest.approx(3.0 / 262144 * remaining)
+    assert tg.seconds_left(step_ends, tokens_before, 0, 0) == pytest.approx(2.0 / 131072 * (tokens_before[-1] - 131072))
+
+
+def test_heartbeat_logs_while_the_body_runs():
+    lines = []
+    with tg.heartbeat(lines.append, "warm-up step 1 of 8", time.perf_counter(), every=0.05):
+        time.sleep(0.3)
+    count = len(lines)
+    time.sleep(0.15)
+    assert count >= 3 and all("warm-up step 1 of 8: still running" in line for line in lines)
+    assert len(lines) == count, "the heartbeat went on after the body"
+
+
+def test_the_target_is_judged_on_fineweb_only(small_data, tmp_path):
+    val_pattern = small_data[small_data.index("--val_files") + 1]
+    assert tg.target_verdict(0.99, val_pattern) == "synthetic data: no target"
+    fineweb = tmp_path / "fineweb_val_000000.bin"  # a shard with FineWeb's header: word 3 is 0
+    header = np.zeros(tg.HEADER_WORDS, dtype="<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, 3
+    fineweb.write_bytes(header.tobytes() + np.array([tg.BOS_ID, 1, 2], dtype="<u2").tobytes())
+    assert tg.target_verdict(3.2799, str(fineweb)) == "the 3.28 target reached"
+    assert tg.target_verdict(3.2801, str(fineweb)) == "the 3.28 target NOT reached"
 
 
 def test_command_line():

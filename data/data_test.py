@@ -401,7 +401,8 @@ def test_validation_reads_only_the_files_it_needs(tmp_path):
 def test_the_data_scripts_read_shards_as_train_gpt_does(tmp_path):
     """data/shard_format.py (torch-free, for the data scripts) and train_gpt.py's own reader agree on
     every constant and on the verdict for good and broken files."""
-    for name in ("SHARD_MAGIC", "SHARD_VERSION", "HEADER_WORDS", "HEADER_BYTES", "BOS_ID", "GPT2_VOCAB_SIZE"):
+    for name in ("SHARD_MAGIC", "SHARD_VERSION", "HEADER_WORDS", "HEADER_BYTES", "BOS_ID", "GPT2_VOCAB_SIZE",
+                 "SYNTHETIC_WORD", "SYNTHETIC_MARK"):
         assert getattr(shard_format, name) == getattr(tg, name), name
     synthetic.write_shard(tmp_path / "good.bin", np.arange(1000, dtype=np.uint16))
     raw = (tmp_path / "good.bin").read_bytes()

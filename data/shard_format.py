@@ -10,6 +10,8 @@ import stat
 import numpy as np
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+# header word 3 of the shards data/synthetic.py writes (FineWeb's hold 0 there): runs on them judge no loss target
+SYNTHETIC_WORD, SYNTHETIC_MARK = 3, 0x53594E54  # "SYNT"
 HEADER_BYTES = 4 * HEADER_WORDS
 BOS_ID = 50256
 GPT2_VOCAB_SIZE = 50257  # a shard's token ids lie below this

@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from shard_format import BOS_ID, GPT2_VOCAB_SIZE, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION  # beside this script
+from shard_format import (BOS_ID, GPT2_VOCAB_SIZE, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION,  # beside this script
+                          SYNTHETIC_MARK, SYNTHETIC_WORD)
 
 NUM_PHRASES, MIN_PHRASE, MAX_PHRASE = 32768, 2, 12
 DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 400, 1.0, 32, 32768
@@ -36,13 +37,14 @@ def partial_path(path):
 
 
 def write_partial(path, tokens):
-    """Write uint16 tokens with the 256-word int32 header (magic, version, count) into path's partial
+    """Write uint16 tokens with the 256-word int32 header (magic, version, count, the synthetic mark) into path's partial
     file; on failure, remove it."""
     tokens = np.asarray(tokens, dtype="<u2")
     if tokens.size > MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, not {tokens.size}")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    header[SYNTHETIC_WORD] = SYNTHETIC_MARK
     try:
         with open(partial_path(path), "wb") as f:
             f.write(header.tobytes())
