@@ -318,7 +318,8 @@ extern "C" __global__ void sigmoids(const unsigned short* logits, float* out, in
     if (i < n) out[i] = softcap_sigmoid(bf16_low(logits[i]));
 }
 """
-needs_nvrtc = pytest.mark.skipif(not GPU, reason="the training loss's kernel is CUDA C++ compiled by NVRTC: needs a GPU")
+needs_nvrtc = pytest.mark.skipif(not GPU,
+                                 reason="the training loss's kernel is CUDA C++ compiled by NVRTC: needs a GPU")
 
 
 def test_sigmoid_error_on_every_bf16_logit():
@@ -454,6 +455,12 @@ def test_kernels_inside_compile():
     # rounding step (2 mantissa bits), so gradients agree to the FP8 tolerance only.
     for c_grad, grad in zip(c_grads, grads):
         assert rel_err(c_grad, grad) < 0.1
+
+
+def test_help_names_the_benchmarks():
+    import subprocess
+    out = subprocess.run([sys.executable, __file__, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--bench --sweep" in out.stdout and len(out.stdout.splitlines()) < 20
 
 
 # --- benchmark: `python kernels_test.py --bench [--sweep]` on a GPU; timings, not tests ---------------
@@ -662,5 +669,7 @@ def bench(sweep):
 if __name__ == "__main__":
     if "--bench" in sys.argv:
         bench(sweep="--sweep" in sys.argv)
+    elif {"-h", "--help"} & set(sys.argv):
+        print(__doc__.strip() + "\n\nOther arguments go to pytest (pytest --help lists them).")
     else:
         sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -134,10 +135,17 @@ def load_shard(path):
 
 
 def shard_files(pattern):
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise DataError(f"No files match {pattern!r}: {FETCH_HINT}.")
-    return files
+    """The files of a glob pattern, sorted; "~" is the home folder, and a folder whose name holds glob
+    characters ("run[1]/") is taken as named if the pattern finds nothing through it."""
+    pattern = os.path.expanduser(pattern)
+    folder, name = os.path.split(pattern)
+    files = sorted(glob.glob(pattern)) or sorted(glob.glob(os.path.join(glob.escape(folder), name)))
+    if files:
+        return files
+    if folder and not glob.glob(folder) and not os.path.isdir(folder):
+        where = "" if os.path.isabs(folder) else f", in the current folder {os.getcwd()}, where relative patterns start"
+        raise DataError(f"No such folder: {folder}{where}")
+    raise DataError(f"No files match {pattern!r}: {FETCH_HINT}.")
 
 
 def max_num_docs(local_tokens):
@@ -697,6 +705,7 @@ def softcap_ce(logits, targets, mtp_weights):
 # exact one over every bf16 logit, far below the logits' own rounding). Then the row's few target
 # columns are rewritten with their one-hot terms. 512 threads and two blocks per SM: 3.13 ms against
 # the Triton kernel's 4.16 at a stage-3 micro-batch on one H100 (kernels_test.py --bench --sweep).
+# Upstream's record #79 (2026-04-04) first moved this kernel to NVRTC-compiled CUDA.
 SOFTCAP_CE_SOURCE = r"""
 #define VECTORS (VOCAB / 8)  // of 8 bf16, 16 bytes
 
@@ -768,7 +777,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM) softcap_ce_
     if (threadIdx.x < n_predictions && r + threadIdx.x < n_rows) {
         long long target = targets[r + threadIdx.x];
         float sig = softcap_sigmoid(bf16_low(row_bf16[target])), onehot = 0.0f;
-        for (int k = 0; k < n_predictions && r + k < n_rows; k++) onehot += targets[r + k] == target ? weights[k] : 0.0f;
+        for (int k = 0; k < n_predictions && r + k < n_rows; k++)
+            onehot += targets[r + k] == target ? weights[k] : 0.0f;
         float g = scale * (weight_sum * exp_approx(SOFTCAP * sig - lse) - onehot) * sig * (1.0f - sig);
         ((unsigned char*)grad)[r * VOCAB + target] = e5m2x2(g, 0.0f) & 0xFF;
     }
@@ -2043,7 +2053,8 @@ class Hyperparameters:
     adam_weight_decay: float = hyperparameter(0.005, "Adam cautious weight decay (times lr^2 and wd_mul)")
     adam_eps: float = hyperparameter(1e-10, "Adam epsilon")
     muon_lr: float = hyperparameter(0.023, "NorMuon learning rate of the attention and MLP matrices")
-    muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr^2 and each matrix's lr scale)")
+    muon_weight_decay: float = hyperparameter(1.2, "NorMuon cautious weight decay (times lr^2 and each "
+                                                   "matrix's lr scale)")
     muon_beta2: float = hyperparameter(0.95, "NorMuon second-moment decay of the variance reduction")
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
     run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file", "a fresh uuid")
@@ -2069,31 +2080,55 @@ CHOICES = {"attention": ATTENTION_BACKENDS, "sparse_bigram": ("auto", "on", "off
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block and exit code 2
+        message = re.sub(r"(--[a-z0-9_]+)/--[a-z0-9-]+", r"\1", message)  # a flag by one of its spellings
         if message.startswith("unrecognized arguments:") and any(map(os.path.exists, message.split()[2:])):
             raise UsageError(f"{message}: the shell expanded a glob; quote --train_files / --val_files patterns, "
                              "e.g. --train_files 'data/synthetic/fineweb_train_*.bin'")
         raise UsageError(f"{message} (python train_gpt.py --help lists the flags)")
 
 
+BOOLEANS = {"true": True, "on": True, "false": False, "off": False}
+
+
 def parse_bool(text):
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false (or the bare flag), not {text!r}")
-    return text.lower() == "true"
+    if text.lower() not in BOOLEANS:
+        raise argparse.ArgumentTypeError(f"expected true / on or false / off (or the bare flag), not {text!r}")
+    return BOOLEANS[text.lower()]
+
+
+def repeated_flag(argv):
+    """The first flag given twice (either spelling), or None: with argparse the last would silently win.
+    --check may repeat: run.sh appends its own to the user's arguments."""
+    seen = set()
+    for token in argv:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            if name in seen and name != "check":
+                return name
+            seen.add(name)
+    return None
 
 
 def parse_args(argv):
-    """(Hyperparameters, check): every field as --name value, and whether --check was given."""
+    """(Hyperparameters, check): every field as --name value (or --name-with-hyphens), and what --check
+    asked for: None, "all" (arguments and data) or "arguments"."""
     parser = ArgumentParser(description="Train a GPT-2-small-class model, the speedrun way. Launch with "
-                            "torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs).",
+                            "./run.sh, or torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs).",
                             allow_abbrev=False)
-    parser.add_argument("--check", action="store_true",
-                        help="check the arguments and every data file, print the plan and exit (needs no GPU)")
+    parser.add_argument("--check", nargs="?", const="all", choices=("all", "arguments"),
+                        help="check the arguments and every data file, print the plan and exit (needs no GPU); "
+                             "--check arguments: the arguments and the launch only")
     for spec in fields(Hyperparameters):
         kind = {bool: parse_bool, int: int, float: float, str: str}[type(spec.default)]
-        extra = dict(nargs="?", const=True) if kind is parse_bool else dict(choices=CHOICES.get(spec.name))
+        extra = (dict(nargs="?", const=True, metavar="{true,false,on,off}") if kind is parse_bool
+                 else dict(choices=CHOICES.get(spec.name)))
         shown = spec.metadata["shown_default"] or spec.default
         help_text = f"{spec.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{spec.name}", type=kind, default=spec.default, help=help_text, **extra)
+        spellings = dict.fromkeys([f"--{spec.name}", f"--{spec.name.replace('_', '-')}"])
+        parser.add_argument(*spellings, dest=spec.name, type=kind, default=spec.default, help=help_text, **extra)
+    repeated = repeated_flag(argv)
+    if repeated:
+        raise UsageError(f"--{repeated} is given twice: give each flag once")
     args = vars(parser.parse_args(argv))
     check = args.pop("check")
     return Hyperparameters(**args), check
@@ -2169,6 +2204,9 @@ def check_arguments(hp, world_size):
             problems.append(f"--profile {hp.profile} runs {PROFILE_WARM_STEPS + PROFILE_STEPS} steps of stage "
                             f"{hp.profile}, which has {length} here: "
                             "raise --num_scheduled_iterations")
+    if hp.profile and hp.save_checkpoint:
+        problems.append("--save_checkpoint saves the model at the end of training, and --profile does not train: "
+                        "drop one of them")
     if hp.sparse_bigram == "on" and world_size == 1:
         problems.append("--sparse_bigram on exchanges gradients between GPUs, and this run has one: use auto or off")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", hp.run_id) or hp.run_id.startswith("."):
@@ -2192,6 +2230,20 @@ def launch_environment():
             raise UsageError(f"{name}={values[name]} is not below WORLD_SIZE={values['WORLD_SIZE']}: launch with "
                              "torchrun, or unset them")
     return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+
+
+def launch_notes(world_size, check):
+    """What the launch lacks for a run of several processes: torchrun's rendezvous variables. A run
+    stops on it at once; --check, which a plan for a world size may run without torchrun (run.sh's
+    does), notes it."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world_size > 1 and name not in os.environ]
+    if not missing:
+        return []
+    message = (f"WORLD_SIZE={world_size} without {' and '.join(missing)}: processes find each other through "
+               "torchrun, which sets them; launch with ./run.sh or torchrun")
+    if not check:
+        raise UsageError(message)
+    return [f"note: {message}"]
 
 
 OLDEST_TORCH = (2, 11)  # the first release whose flash attention takes a window
@@ -2222,11 +2274,39 @@ def trace_path(run_id, rank):
     return os.path.join("logs", f"{run_id}_rank{rank}_trace.json")
 
 
+MIN_LOG_FREE_BYTES = 64 * 2**20  # a log holds this script and a line per step: far less
+
+
+def checkpoint_bytes(world_size):
+    """The bytes --save_checkpoint writes on this machine: every local rank's model and optimizer shard,
+    counted on models on the meta device (no memory, no GPU)."""
+    model = GPT(device="meta")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    states = [model.state_dict()] + [NorMuonAdam(model, rank, world_size).state_dict() for rank in range(local_ranks)]
+
+    def size(state):
+        if torch.is_tensor(state):
+            return state.numel() * state.element_size()
+        return sum(map(size, state.values())) if isinstance(state, dict) else 0
+    return local_ranks * size(states[0]) + sum(map(size, states[1:]))
+
+
 def check_outputs(hp, world_size):
-    """The files this run will write must be new, in a logs/ folder that is one or can be made."""
+    """The files this run will write must be new, in a logs/ folder that is one or can be made, with
+    room for them."""
     if os.path.lexists("logs") and not os.path.isdir("logs"):
         raise UsageError("logs is not a folder (a file, or a link to none): runs write their logs into logs/ in "
                          "the current folder. Move it away, or run from another folder")
+    folder = "logs" if os.path.isdir("logs") else "."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into {os.path.abspath(folder)}: runs write their logs into logs/ in the "
+                         "current folder. Run from a folder you can write")
+    needed = MIN_LOG_FREE_BYTES + (checkpoint_bytes(world_size) if hp.save_checkpoint else 0)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        what = f"the log and {needed / 2**30:.1f} GiB of checkpoints" if hp.save_checkpoint else "the log"
+        raise UsageError(f"{os.path.abspath(folder)} has {free / 2**20:,.0f} MiB free, too little for {what}: free "
+                         "space, or run from another folder")
     paths = [log_path(hp.run_id)]
     paths += [checkpoint_path(hp.run_id, rank) for rank in range(world_size)] if hp.save_checkpoint else []
     paths += [trace_path(hp.run_id, rank) for rank in range(world_size)] if hp.profile else []
@@ -2318,6 +2398,14 @@ def preflight(run):
         check_shard(path)
     check_distinct_files(train_files, val_files)
     check_validation_data(hp.val_files, hp.val_tokens)
+    # a step draws at least its batch and a token per slot: a schedule past that is refused before the
+    # walk, whose work grows with the steps
+    available = sum(shard_tokens(path) for path in train_files)
+    least = sum((end - first) * (schedule.stage(first).batch_tokens + SLOTS_PER_STEP)
+                for _, first, end in schedule.stage_ranges())
+    if least > available:
+        raise DataError(f"{hp.train_files!r} holds {available:,} tokens, and the schedule's {schedule.total:,} steps "
+                        f"draw at least {least:,}: add shards ({FETCH_HINT}), or shorten the schedule")
     reader = ShardReader(hp.train_files)  # one reader for every draw: the first shard is read once more at most
     try:
         shards, drawn = walk_batches(reader, [schedule.stage(step) for step in range(schedule.total)], "")
@@ -2353,24 +2441,46 @@ class Logger:
 
     def __call__(self, line="", console=True):
         if self.master:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:
+                raise UsageError(f"cannot write {self.path} ({e.strerror}): free space on its disk") from None
             if console:
                 print(line, flush=True)
 
     def header(self):
-        """The script itself, versions and nvidia-smi: a log is a self-contained record."""
-        with open(__file__) as f:
-            self(f.read(), console=False)
-        self("=" * 100, console=False)
-        self(f"Python {sys.version.split()[0]}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}, "
-             f"Triton {triton.__version__}")
+        """The script itself, versions and nvidia-smi: a log is a self-contained record. If it cannot be
+        written, the log is removed: no empty or partial log is left behind."""
         try:
             smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
         except (OSError, subprocess.SubprocessError) as e:
             smi = f"nvidia-smi failed: {e}"
-        self(smi, console=False)
-        self("=" * 100, console=False)
+        try:
+            with open(__file__) as f:
+                self(f.read(), console=False)
+            self("=" * 100, console=False)
+            self(f"Python {sys.version.split()[0]}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}, "
+                 f"Triton {triton.__version__}")
+            self(smi, console=False)
+            self("=" * 100, console=False)
+        except UsageError:
+            if self.master:
+                os.remove(self.path)
+            raise
+
+
+def save_whole(state, path):
+    """torch.save into a temporary name, renamed once whole: a failed save leaves nothing behind."""
+    partial = f"{path}.partial"
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its stream's RuntimeError
+        if os.path.exists(partial):
+            os.remove(partial)
+        reason = e.strerror if isinstance(e, OSError) else "the write failed"
+        raise UsageError(f"cannot save {path} ({reason}): free space on its disk") from None
 
 
 def graph_key(stage):
@@ -3118,7 +3228,7 @@ class Trainer:
         self.summarize(log, clock, val_loss, time.perf_counter() - launch_time)
         if self.run.hp.save_checkpoint:
             path = checkpoint_path(self.run.hp.run_id, self.run.rank)
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
+            save_whole({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
             log(f"saved {path} (and one per rank)")
 
 
@@ -3135,16 +3245,22 @@ def main(argv=None):
     drawn_run_id = not hp.run_id
     hp.run_id = hp.run_id or str(uuid.uuid4())
     check_outputs(hp, world_size)
+    notes = launch_notes(world_size, check)
+    if check == "arguments":
+        if rank == 0:
+            print_lines([f"arguments checked for world size {world_size}", *notes])
+        return
     t0 = time.perf_counter()
     plan = preflight(Run(hp, world_size, rank))
     plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
     if check:
         if rank == 0:
-            print_lines(plan)
+            print_lines(plan + notes)
         return
-    if "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does, so a plain run's host data path matches a torchrun one: copies above
-        # 32768 elements (stage 3's micro-batches) would otherwise go to an OpenMP pool of every core.
+    if not re.fullmatch(r"[1-9][0-9]*", os.environ.get("OMP_NUM_THREADS", "").strip()):
+        # Unset (or unreadable: OpenMP has said so and ignored it), one thread, as torchrun sets, so a plain
+        # run's host data path matches a torchrun one: copies above 32768 elements (stage 3's micro-batches)
+        # would otherwise go to an OpenMP pool of every core.
         torch.set_num_threads(1)
     if not torch.cuda.is_available():
         raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
@@ -3180,6 +3296,8 @@ def main(argv=None):
 
 
 def print_lines(lines):
+    if sys.stdout is None:  # started with it closed: print() would write nothing and say nothing
+        raise UsageError("the standard output is closed: --check prints the plan there; give it a file or a pipe")
     try:
         print("\n".join(lines), flush=True)
     except OSError as e:  # a full disk, a closed pipe: say so in one line
@@ -3194,10 +3312,19 @@ def is_secondary_rank():
     return "TORCHELASTIC_RUN_ID" in os.environ and re.fullmatch(r"[0-9]+", rank) is not None and int(rank) > 0
 
 
-if __name__ == "__main__":
+def command_line():
+    """main, with every error a user can cause as one line on stderr."""
     try:
         main()
     except (UsageError, DataError, TrainingError) as e:
         if not is_secondary_rank():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if not is_secondary_rank():
+            print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    command_line()

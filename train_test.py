@@ -6,6 +6,8 @@ import json
 import math
 import re
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from conftest import replaced
 
 GPU = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the repository: train_gpt.py, run.sh, data/
@@ -580,12 +583,17 @@ def test_command_line():
     hp, check = tg.parse_args(["--num_scheduled_iterations", "150", "--val_tokens", "2097152",
                                "--train_files", "x/*.bin", "--save_checkpoint", "--adam_lr", "0.004"])
     assert (hp.num_scheduled_iterations, hp.val_tokens, hp.train_files, hp.save_checkpoint, hp.adam_lr, check) == (
-        150, 2097152, "x/*.bin", True, 0.004, False)
+        150, 2097152, "x/*.bin", True, 0.004, None)
     assert hp.num_extension_iterations == 40 and hp.val_files == os.path.join(tg.DATA_DIR, "fineweb10B",
                                                                               "fineweb_val_*.bin")
-    assert tg.parse_args(["--save_checkpoint", "False", "--check"]) == (tg.Hyperparameters(), True)
+    assert tg.parse_args(["--save_checkpoint", "False", "--check"]) == (tg.Hyperparameters(), "all")
+    assert tg.parse_args(["--check", "arguments"]) == (tg.Hyperparameters(), "arguments")
+    # one convention for switches: true / on and false / off, any case; the hyphenated spelling is the flag
+    assert tg.parse_args(["--cuda-graphs", "OFF", "--save-checkpoint", "on"])[0] == tg.Hyperparameters(
+        cuda_graphs=False, save_checkpoint=True)
     for value in ("maybe", "ture", "y", "1"):
-        with pytest.raises(tg.UsageError, match=f"^argument --save_checkpoint: expected true or false .*not '{value}'"):
+        with pytest.raises(tg.UsageError, match=f"^argument --save_checkpoint: expected true / on or false / off "
+                                                f".*not '{value}'"):
             tg.parse_args(["--save_checkpoint", value])
     with pytest.raises(tg.UsageError, match=r"^unrecognized arguments: --lr 3 \(python train_gpt.py --help lists"):
         tg.parse_args(["--lr", "3"])
@@ -611,6 +619,7 @@ def test_help_describes_every_flag(capsys):
         assert f"--{spec.name}" in text and " ".join(spec.metadata["help"].split()) in text
     assert "--check" in text and "(default: 0.008)" in text and "(default: 1450)" in text
     assert "(default: a fresh uuid)" in text and "(default: )" not in text and tg.DATA_DIR not in text
+    assert "--cuda_graphs [{true,false,on,off}]" in text and "--parallel_compile {auto,on,off}" in text
 
 
 @pytest.mark.parametrize("argv,world_size,message", [
@@ -635,6 +644,8 @@ def test_help_describes_every_flag(capsys):
     (["--run_id", "a/b"], 1, "--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not 'a/b'"),
     (["--run_id", ".."], 1, "--run_id names a file in logs/"),
     (["--run_id", "x" * 201], 1, "--run_id names files in logs/: at most 200 characters, not 201"),
+    (["--profile", "1", "--save_checkpoint"], 1, "--save_checkpoint saves the model at the end of training, and "
+                                                 "--profile does not train"),
 ])
 def test_bad_arguments(argv, world_size, message):
     hp, _ = tg.parse_args(argv)
@@ -804,10 +815,19 @@ def test_script_errors_are_one_line(small_data, tmp_path):
              (["--nope"], {}, "unrecognized arguments: --nope (python train_gpt.py --help lists the flags)"),
              ([], dict(RANK="x"), "RANK='x' is not a whole number: launch with torchrun, or unset it"),
              ([], dict(WORLD_SIZE="\u00b2"), "WORLD_SIZE='\u00b2' is not a whole number"),
-             (small_data + ["--val_tokens", "7"], dict(RANK="1", WORLD_SIZE="2"),  # no torchrun: no rank 0 to speak
+             # no torchrun: no rank 0 to speak
+             (replaced(small_data, "--val_tokens", "7"), dict(RANK="1", WORLD_SIZE="2"),
               "--val_tokens must be a positive multiple"),
-             (small_data + ["--num_scheduled_iterations", "300"], {},
-              f"{small_data[1]!r} runs out at step 10 of 300: its 2 shard(s) hold 2,000,000 tokens. Add shards")]
+             (replaced(small_data, "--num_scheduled_iterations", "7"), {},
+              f"{small_data[1]!r} runs out at step 6 of 7: its 2 shard(s) hold 2,000,000 tokens. Add shards"),
+             # a schedule past what the data can hold at all is refused before the walk
+             (replaced(small_data, "--num_scheduled_iterations", "1000000000"), {},
+              f"{small_data[1]!r} holds 2,000,000 tokens, and the schedule's 1,000,000,000 steps draw at least "),
+             (small_data + ["--train_files", "x/*.bin"], {}, "--train_files is given twice: give each flag once"),
+             (small_data + ["--train-files", "x/*.bin"], {}, "--train_files is given twice"),
+             (small_data, dict(WORLD_SIZE="8"), "WORLD_SIZE=8 without MASTER_ADDR and MASTER_PORT: processes find "
+                                                "each other through torchrun"),
+]
     if not GPU:
         cases.append((small_data, {}, "no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
                                       "--check validates the data without one"))
@@ -815,7 +835,8 @@ def test_script_errors_are_one_line(small_data, tmp_path):
         out = run_script(args, tmp_path, **env)
         assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"error: {message}"), out.stderr
-    out = run_script(small_data + ["--val_tokens", "7"], tmp_path, RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x")
+    out = run_script(replaced(small_data, "--val_tokens", "7"), tmp_path, RANK="1", WORLD_SIZE="2",
+                     TORCHELASTIC_RUN_ID="x")
     assert out.returncode == 1 and out.stderr == "", "under torchrun rank 0 speaks for the others"
     out = run_script(small_data + ["--check"], tmp_path)
     assert out.returncode == 0 and out.stderr == "" and "pre-flight checks passed" in out.stdout
@@ -824,6 +845,107 @@ def test_script_errors_are_one_line(small_data, tmp_path):
             out = run_script(small_data + ["--check"], tmp_path, stdout=full)
         assert out.returncode == 1 and out.stderr == ("error: cannot write to the standard output (No space left on "
                                                       "device)\n"), out.stderr
+
+
+@pytest.mark.skipif(GPU, reason="the run would go on to train")
+@pytest.mark.parametrize("threads", [None, "abc"])
+def test_a_run_takes_one_host_thread_unless_told_a_count(small_data, threads, tmp_path, monkeypatch):
+    """As under torchrun; an OMP_NUM_THREADS that is no count (OpenMP ignores it, saying so) counts as unset."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if threads:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(tg.UsageError, match="^no CUDA GPU found"):
+            tg.main(small_data + ["--run_id", f"threads{threads}"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_plan_for_several_processes_notes_the_missing_torchrun(small_data, tmp_path):
+    out = run_script(small_data + ["--check"], tmp_path, WORLD_SIZE="8")
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].startswith("note: WORLD_SIZE=8 without MASTER_ADDR")
+    out = run_script(small_data + ["--check"], tmp_path, WORLD_SIZE="8", MASTER_ADDR="x", MASTER_PORT="1")
+    assert out.returncode == 0 and "note:" not in out.stdout
+
+
+def test_check_with_the_standard_output_closed_is_one_line(small_data, tmp_path):
+    script = " ".join(map(shlex.quote, [sys.executable, os.path.join(ROOT, "train_gpt.py"), *small_data, "--check"]))
+    out = subprocess.run(["bash", "-c", f"{script} >&-"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr == ("error: the standard output is closed: --check prints the plan "
+                                                  "there; give it a file or a pipe\n"), out.stderr
+
+
+def test_ctrl_c_is_one_line(small_data, tmp_path):
+    """Ctrl-C during the pre-flight (here: as it starts) ends in one line and exit code 130."""
+    program = ("import os, signal, time, train_gpt\n"
+               "train_gpt.preflight = lambda run: (os.kill(os.getpid(), signal.SIGINT), time.sleep(10))\n"
+               "train_gpt.command_line()")
+    out = run_script(small_data + ["--check"], tmp_path, program=program)
+    assert out.returncode == 130 and out.stderr == "error: interrupted\n", out.stderr
+
+
+@pytest.mark.parametrize("layout", ["a folder named with glob characters", "a pattern starting with ~"])
+def test_patterns_find_the_files_a_user_means(small_data, tmp_path, layout):
+    folder = tmp_path / ("run[1]" if "glob" in layout else "home/data")
+    shutil.copytree(os.path.dirname(small_data[1]), folder)
+    pattern = (str(folder) if "glob" in layout else "~/data") + "/fineweb_{}_*.bin"
+    args = replaced(small_data, "--train_files", pattern.format("train"), "--val_files", pattern.format("val"))
+    args.append("--check")
+    out = run_script(args, tmp_path, HOME=str(tmp_path / "home"))
+    assert out.returncode == 0 and "pre-flight checks passed" in out.stdout, out.stderr
+
+
+def test_a_missing_folder_is_named_with_where_relative_patterns_start(small_data, tmp_path):
+    out = run_script(["--train_files", "data/synthetic/fineweb_train_*.bin", "--check"], tmp_path)
+    assert out.returncode == 1 and out.stderr == (f"error: No such folder: data/synthetic, in the current folder "
+                                                  f"{tmp_path}, where relative patterns start\n"), out.stderr
+
+
+def test_outputs_need_a_writable_folder_and_room(small_data, tmp_path, monkeypatch):
+    """The folder's permissions and free space as the operating system reports them (here: stand-ins for a
+    read-only and a nearly full disk, which a test cannot make)."""
+    monkeypatch.chdir(tmp_path)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and not mode & os.W_OK)
+    with pytest.raises(tg.UsageError, match=f"^cannot write into {tmp_path}: runs write their logs into logs/"):
+        tg.main(small_data + ["--check"])
+    monkeypatch.setattr(os, "access", access)
+    free = 3 * 2**30  # room for a log, not for a checkpoint (about 5 GiB with the optimizer's state)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(free, 0, free))
+    tg.main(small_data + ["--check"])
+    with pytest.raises(tg.UsageError, match=r"has 3,072 MiB free, too little for the log and [0-9.]+ GiB of checkp"):
+        tg.main(small_data + ["--check", "--save_checkpoint", "--run_id", "c"])
+
+
+def test_checkpoint_bytes_count_the_model_and_every_optimizer_shard():
+    model = tg.GPT(device="meta")
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    one = tg.checkpoint_bytes(1)
+    assert params < one < params + 4 * sum(p.numel() * 4 for p in model.parameters())  # fp32 moments at most
+    eight = tg.checkpoint_bytes(8)  # eight models, the optimizer state split eight ways (and the replicated groups)
+    assert 8 * params + (one - params) <= eight < 8 * params + 1.01 * (one - params)
+
+
+def test_failed_writes_leave_no_file(tmp_path):
+    """A disk that fills (here: a file size limit, which makes writes fail as a full disk does)."""
+    program = ("import resource, signal, os, torch, train_gpt as tg\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000))\n"
+               "log = tg.Logger('r', master=True)\n"
+               "for attempt in (lambda: log.header(), lambda: tg.save_whole(torch.zeros(10**6), 'logs/r_rank0.pt')):\n"
+               "    try:\n"
+               "        attempt()\n"
+               "    except tg.UsageError as e:\n"
+               "        print(e)\n"
+               "print(sorted(os.listdir('logs')))")
+    out = run_script([], tmp_path, program=program)
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        "cannot write logs/r.txt (File too large): free space on its disk",
+        "cannot save logs/r_rank0.pt (the write failed): free space on its disk", "[]"], out.stdout + out.stderr
 
 
 def test_an_old_torch_is_refused_in_one_line(small_data, tmp_path):
@@ -1045,10 +1167,35 @@ def test_run_sh_skips_the_download_for_other_data(small_data, tmp_path):
 def test_run_sh_errors_are_one_line(small_data, tmp_path, nproc, args, message):
     """Before torchrun: its report of a failed child would bury the message."""
     script = os.path.join(ROOT, "run.sh")
-    out = subprocess.run(["bash", script, *small_data, *args], capture_output=True, text=True, cwd=tmp_path,
+    out = subprocess.run(["bash", script, *replaced(small_data, *args)], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "NPROC": nproc, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith(f"error: {message}"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def run_sh(args, cwd, nproc="1"):
+    return subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "NPROC": nproc, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"})
+
+
+def test_run_sh_checks_the_arguments_before_the_download(tmp_path):
+    out = run_sh(["--val_tokns", "2097152"], tmp_path)  # FineWeb's default patterns: it would download first
+    assert out.returncode == 1 and out.stderr == ("error: unrecognized arguments: --val_tokns 2097152 (python "
+                                                  "train_gpt.py --help lists the flags)\n"), out.stderr
+
+
+@pytest.mark.skipif(GPU, reason="needs a machine with fewer GPUs than NPROC: this one has one")
+def test_run_sh_counts_the_gpus_before_the_download(tmp_path):
+    out = run_sh([], tmp_path)
+    assert out.returncode == 1 and out.stderr == ("error: NPROC=1, but 0 CUDA GPU(s) are in view (CUDA_VISIBLE_DEVICES)"
+                                                  ": lower NPROC, or run on a machine with 1\n"), out.stderr
+
+
+def test_run_sh_reads_relative_patterns_from_the_users_folder(small_data, tmp_path):
+    shutil.copytree(os.path.dirname(small_data[1]), tmp_path / "mine")
+    args = replaced(small_data, "--train_files", "mine/fineweb_train_*.bin", "--val_files", "mine/fineweb_val_*.bin")
+    out = run_sh(args + ["--check"], tmp_path)
+    assert out.returncode == 0 and "pre-flight checks passed" in out.stdout, out.stderr
 
 
 def test_constraints_pin_every_requirement_within_its_range():
@@ -1133,8 +1280,9 @@ def test_parallel_compile_gives_the_same_losses(small_data, tmp_path):
     by the main process alone (to the run-to-run noise of the attention backward's atomics)."""
     losses = {}
     for parallel in ("on", "off"):
-        out = run_script(small_data + ["--num_extension_iterations", "1", "--val_loss_every", "1", "--run_id",
-                                       f"p{parallel}", "--parallel_compile", parallel], tmp_path)
+        out = run_script(replaced(small_data, "--num_extension_iterations", "1") +
+                         ["--val_loss_every", "1", "--run_id", f"p{parallel}", "--parallel_compile", parallel],
+                         tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert ("a worker compiled the training graph of 393,216 tokens/step" in out.stdout) == (parallel == "on")
         losses[parallel] = [float(x) for x in re.findall(r"^step:\d+/4 val_loss:(\S+)", out.stdout, re.MULTILINE)]
@@ -1148,8 +1296,8 @@ def test_cuda_graphs_give_the_losses_of_the_plain_step(small_data, tmp_path):
     attention backward's atomics); a loss blown up by the learning rate still stops the run."""
     losses = {}
     for graphs in ("true", "false"):
-        out = run_script(small_data + ["--num_extension_iterations", "1", "--val_loss_every", "1", "--run_id",
-                                       f"g{graphs}", "--cuda_graphs", graphs], tmp_path)
+        out = run_script(replaced(small_data, "--num_extension_iterations", "1") +
+                         ["--val_loss_every", "1", "--run_id", f"g{graphs}", "--cuda_graphs", graphs], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
         assert ("CUDA graphs: 4 captured" in out.stdout) == (graphs == "true"), out.stdout[-3000:]
         assert re.findall(r"^step:(\d+)/4 train_time", out.stdout, re.MULTILINE) == ["1", "2", "3", "4"]
@@ -1159,8 +1307,8 @@ def test_cuda_graphs_give_the_losses_of_the_plain_step(small_data, tmp_path):
     # check_arguments refuses so large a rate up front; this run lifts its cap to reach the stop in training
     lifted_cap = ("import sys, train_gpt\ntrain_gpt.MAX_LEARNING_RATE = float('inf')\ntry:\n    train_gpt.main()\n"
                   "except train_gpt.TrainingError as e:\n    sys.exit(f'error: {e}')")
-    out = run_script(small_data + ["--num_extension_iterations", "1", "--muon_lr", "1e30", "--run_id", "blowup"],
-                     tmp_path, program=lifted_cap)
+    out = run_script(replaced(small_data, "--num_extension_iterations", "1") +
+                     ["--muon_lr", "1e30", "--run_id", "blowup"], tmp_path, program=lifted_cap)
     assert out.returncode == 1 and re.match(r"error: the training loss is (nan|inf) at step [0-3]: stopping\. Lower "
                                             r"the learning rates", out.stderr), out.stderr[-3000:]
 

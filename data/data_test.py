@@ -2,6 +2,7 @@
 errors, the synthetic generator and the download script."""
 import importlib.util
 import os
+import re
 import sys
 
 import numpy as np
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "data"))
 import shard_format  # noqa: E402
 import synthetic  # noqa: E402
 import train_gpt as tg  # noqa: E402
+from conftest import replaced  # noqa: E402
 
 BOS = tg.BOS_ID
 
@@ -255,8 +257,10 @@ def test_a_run_draws_the_same_step_on_every_world_size(small_run, world_size):
 
 def test_preflight_walks_exactly_what_the_loader_draws(small_run):
     """The pre-flight's verdict on 'enough data' is the loader's: it runs out at the same step."""
+    reader = tg.ShardReader(small_run[1])  # the pre-flight's walk: 300 steps of stage 1
     with pytest.raises(tg.DataError, match=r"runs out at step (\d+) of 300") as failure:
-        preflight(small_run + ["--num_scheduled_iterations", "300"])
+        tg.walk_batches(reader, [tg.STAGES[0]] * 300, "")
+    reader.close()
     runs_out_at = int(failure.value.args[0].split("runs out at step ")[1].split()[0])
     stage = tg.STAGES[0]  # steps 0-99 of a 300-step schedule
     gen = tg.distributed_data_generator(small_run[1], stage.batch_tokens, stage.max_seq_len, 8, device="cpu")
@@ -273,7 +277,7 @@ def test_preflight_counts_documents_as_the_micro_batches_will(small_run, tmp_pat
     pattern = str(tmp_path / "short" / "*.bin")
     message = r"fineweb_train_000001.bin: a micro-batch of 16384 tokens holds 4097 documents, more than the 127"
     with pytest.raises(tg.DataError, match=message):
-        preflight(small_run + ["--train_files", pattern])
+        preflight(replaced(small_run, "--train_files", pattern))
     with pytest.raises(tg.DataError, match=message):  # what training would meet at its first step
         next(tg.distributed_data_generator(pattern, tg.STAGES[0].batch_tokens, tg.STAGES[0].max_seq_len, 8,
                                            device="cpu"))
@@ -300,14 +304,14 @@ def test_preflight_checks_token_ids_of_the_shards_used(small_run, tmp_path):
 def test_preflight_needs_enough_validation_tokens(small_run):
     with pytest.raises(tg.DataError, match=r"holds 2,097,153 tokens, fewer than the 4,194,304 \+ 1 that validation "
                                            r"reads: lower --val_tokens"):
-        preflight(small_run + ["--val_tokens", str(2 * tg.VAL_BATCH_TOKENS)])
+        preflight(replaced(small_run, "--val_tokens", str(2 * tg.VAL_BATCH_TOKENS)))
 
 
 def test_preflight_refuses_overlapping_train_and_val_files(small_run, tmp_path):
     with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin \(--train_files\) and .*fineweb_train_000001.bin "
                                            r"\(--val_files\) hold the same data .*validation would score training "
                                            r"tokens"):
-        preflight(small_run + ["--val_files", str(tmp_path / "fineweb_*.bin")])
+        preflight(replaced(small_run, "--val_files", str(tmp_path / "fineweb_*.bin")))
 
 
 LINKS = {"hard link": os.link, "symbolic link": os.symlink, "byte copy": lambda a, b: b.write_bytes(a.read_bytes())}
@@ -320,7 +324,7 @@ def test_preflight_refuses_the_same_data_twice(small_run, tmp_path, make):
     with pytest.raises(tg.DataError, match=r"t/fineweb_train_000001.bin \(--train_files\) and .*fineweb_val_000000.bin "
                                            r"\(--val_files\) hold the same data \(one file, a link or a copy\): "
                                            "validation would score training tokens"):
-        preflight(small_run + ["--train_files", str(tmp_path / "t" / "*.bin")])
+        preflight(replaced(small_run, "--train_files", str(tmp_path / "t" / "*.bin")))
     LINKS[make](tmp_path / "fineweb_train_000001.bin", tmp_path / "fineweb_train_000003.bin")
     with pytest.raises(tg.DataError, match=r"fineweb_train_000001.bin and .*fineweb_train_000003.bin \(--train_files\) "
                                            "hold the same data .*: it would be read twice"):
@@ -364,8 +368,8 @@ def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_ru
     graphs' capture draw stage 3's first micro-batch from the first shard, as --profile 3 does."""
     (tmp_path / "t").mkdir()
     write_documents(tmp_path / "t" / "fineweb_train_000001.bin", 0, [300] * 3000 + [2000] * 2500)
-    args = small_run + ["--train_files", str(tmp_path / "t" / "*.bin"), "--num_scheduled_iterations", "18"]
-    reader = tg.ShardReader(args[-3])
+    args = replaced(small_run, "--train_files", str(tmp_path / "t" / "*.bin"), "--num_scheduled_iterations", "18")
+    reader = tg.ShardReader(args[args.index("--train_files") + 1])
     before = tg.walk_batches(reader, [tg.Schedule(18, 0).stage(step) for step in range(18)], "")
     reader.close()
     assert before[1] > 1_000_000  # training's own draws pass
@@ -374,9 +378,9 @@ def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_ru
 
 
 def test_running_out_explains_that_long_documents_are_cut(small_run):
-    with pytest.raises(tg.DataError, match=r"runs out at step \d+ of 300: .*Each document is cut to the stage's "
+    with pytest.raises(tg.DataError, match=r"runs out at step \d+ of 7: .*Each document is cut to the stage's "
                                            r"sequence length, 896/2048/2048 tokens, and the rest of it dropped"):
-        preflight(small_run + ["--num_scheduled_iterations", "300"])
+        preflight(replaced(small_run, "--num_scheduled_iterations", "7"))
 
 
 def test_a_pipe_or_a_folder_is_no_shard(small_run, tmp_path):
@@ -385,7 +389,7 @@ def test_a_pipe_or_a_folder_is_no_shard(small_run, tmp_path):
                                            "Give --train_files / --val_files patterns that match shard files only"):
         preflight(small_run)
     with pytest.raises(tg.DataError, match=r"is not a file but a folder. Give --train_files"):
-        preflight(small_run + ["--train_files", str(tmp_path) + "/"])
+        preflight(replaced(small_run, "--train_files", str(tmp_path) + "/"))
 
 
 def test_validation_reads_only_the_files_it_needs(tmp_path):
@@ -533,7 +537,8 @@ def test_synthetic_cli_output_feeds_the_loader(tmp_path):
     (["--shard_tokens", str(10**12)], "--shard_tokens must lie between 2 and 2,147,483,647 (a shard's header counts "
                                       "tokens in an int32), not 1,000,000,000,000"),
     (["--val_tokens", str(2**31)], "--val_tokens must lie between 2 and 2,147,483,647"),
-    (["--seed", "-1"], "--seed must be 0 or more, not -1"),
+    (["--seed", "-1"], "--seed must lie between 0 and 2,147,483,646 (the shards' headers keep it), not -1"),
+    (["--seed", str(2**31 - 1)], "--seed must lie between 0 and 2,147,483,646"),
 ])
 def test_synthetic_bad_arguments(tmp_path, capsys, args, message):
     assert synthetic.main(["--out", str(tmp_path / "out")] + args) == 1
@@ -588,8 +593,9 @@ def test_synthetic_refuses_to_mix_sets_and_removes_stale_partials(tmp_path, caps
 
 def run_synthetic(tmp_path, args, setup="pass"):
     import subprocess
-    code = (f"import resource, sys; sys.path.insert(0, sys.argv[1]); import synthetic; {setup}; "
-            "sys.exit(synthetic.main(sys.argv[2:]))")
+    # Ctrl-C's handler installed in the child: a shell starts background jobs with SIGINT ignored
+    code = (f"import resource, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"sys.path.insert(0, sys.argv[1]); import synthetic; {setup}; sys.exit(synthetic.main(sys.argv[2:]))")
     return subprocess.Popen([sys.executable, "-c", code, os.path.join(ROOT, "data"), "--out", str(tmp_path), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -605,6 +611,39 @@ def test_synthetic_interrupted_is_one_line_and_changes_nothing(tmp_path, signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err == "error: interrupted: no shard was changed\n", err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train-shard", "2"], "unrecognized arguments: --train-shard 2"),  # no abbreviations: a typo is an error
+    (["--shard", "2"], "unrecognized arguments: --shard 2"),
+])
+def test_synthetic_takes_whole_flag_names(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path), *args])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"error: {message} (python data/synthetic.py --help lists the flags)\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_synthetic_keeps_a_set_that_is_in_place(tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--train_shards", "1", "--shard_tokens", "1000", "--val_tokens", "1000"]
+    assert synthetic.main(args) == 0
+    made = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert synthetic.main(args) == 0
+    assert capsys.readouterr().out == f"{tmp_path} holds this set already (seed 0, the same shards): nothing to do\n"
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == made
+    assert synthetic.main(args + ["--seed", "1"]) == 0  # another set: written
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} != {name: data for name, (_, data) in made.items()}
+
+
+def test_synthetic_checks_the_free_space_first(tmp_path, capsys):
+    """A billion shards: refused at once from the disk's free space, not after building a billion names."""
+    assert synthetic.main(["--out", str(tmp_path / "new"), "--train_shards", "1000000000"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: the set takes 186,265,468\.6 GiB and \S+ has [0-9,.]+ GiB free: lower "
+                        r"--train_shards / --shard_tokens, or choose another --out\n", err), err
+    assert not os.path.exists(tmp_path / "new")
 
 
 def test_synthetic_says_how_much_memory_a_shard_needs(tmp_path):

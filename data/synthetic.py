@@ -16,6 +16,7 @@ model learns quickly (the loss falls far below log(vocab)). The output is determ
 import argparse
 import glob
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,12 +24,14 @@ import time
 import numpy as np
 
 from shard_format import (BOS_ID, GPT2_VOCAB_SIZE, HEADER_WORDS, SHARD_MAGIC, SHARD_VERSION,  # beside this script
-                          SYNTHETIC_MARK, SYNTHETIC_WORD)
+                          SYNTHETIC_MARK, SYNTHETIC_WORD, shard_problem)
 
 NUM_PHRASES, MIN_PHRASE, MAX_PHRASE = 32768, 2, 12
 DOC_MEDIAN, DOC_SIGMA, DOC_MIN, DOC_MAX = 400, 1.0, 32, 32768
 CHUNK_TOKENS = 1 << 23  # tokens expanded at once: bounds memory to a few hundred MB
 MAX_SHARD_TOKENS = 2**31 - 1  # the header's token count is an int32
+SEED_WORD = SYNTHETIC_WORD + 1  # header word of a generated shard's seed + 1 (0: not generated from a seed)
+MAX_SEED = 2**31 - 2  # so that seed + 1 fits that int32
 
 
 def partial_path(path):
@@ -36,15 +39,16 @@ def partial_path(path):
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
 
 
-def write_partial(path, tokens):
-    """Write uint16 tokens with the 256-word int32 header (magic, version, count, the synthetic mark) into path's partial
-    file; on failure, remove it."""
+def write_partial(path, tokens, seed=None):
+    """Write uint16 tokens with the 256-word int32 header (magic, version, count, the synthetic mark, the
+    seed + 1 it was generated from) into path's partial file; on failure, remove it."""
     tokens = np.asarray(tokens, dtype="<u2")
     if tokens.size > MAX_SHARD_TOKENS:
         raise ValueError(f"a shard holds at most {MAX_SHARD_TOKENS} tokens, not {tokens.size}")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     header[SYNTHETIC_WORD] = SYNTHETIC_MARK
+    header[SEED_WORD] = 0 if seed is None else seed + 1
     try:
         with open(partial_path(path), "wb") as f:
             f.write(header.tobytes())
@@ -123,8 +127,15 @@ def make_shard(table, seed, index, n):
     return tokens
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 1, as every other error here
+        print(f"error: {message} (python data/synthetic.py --help lists the flags)", file=sys.stderr)
+        sys.exit(1)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)  # "--train-shard 2" is a typo, not --train_shards
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthetic"),
                         help="output folder (default: data/synthetic)")
     # underscores as train_gpt.py spells its flags; the hyphenated spellings are aliases
@@ -147,8 +158,8 @@ def argument_problem(args):
         if not 2 <= value <= MAX_SHARD_TOKENS:
             return (f"--{name} must lie between 2 and {MAX_SHARD_TOKENS:,} (a shard's header counts "
                     f"tokens in an int32), not {value:,}")
-    if args.seed < 0:
-        return f"--seed must be 0 or more, not {args.seed}"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed must lie between 0 and {MAX_SEED:,} (the shards' headers keep it), not {args.seed}"
     return None
 
 
@@ -181,7 +192,7 @@ def generate(args, paths):
                                   "of memory, more than this process may take: lower --shard_tokens / --val_tokens")
         generating += time.perf_counter() - t0
         try:
-            write_partial(path, tokens)
+            write_partial(path, tokens, args.seed)
         except OSError as e:
             raise GenerationError(f"cannot write {path} ({e.strerror}): check the folder and the free disk space")
         total += n
@@ -195,13 +206,45 @@ def interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+def set_bytes(args):
+    """The bytes of the set on disk: each shard's header and two bytes a token."""
+    return (args.train_shards + 1) * 4 * HEADER_WORDS + 2 * (args.val_tokens + args.train_shards * args.shard_tokens)
+
+
+def space_problem(args):
+    """None if the disk under --out holds the set (the shards it replaces count as free), else what is wrong."""
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    replaced = sum(os.path.getsize(p) for p in glob.glob(os.path.join(args.out, "fineweb_*.bin")))
+    free = shutil.disk_usage(existing).free + replaced
+    if set_bytes(args) > free:
+        return (f"the set takes {set_bytes(args) / 2**30:,.1f} GiB and {existing} has {free / 2**30:,.1f} GiB free: "
+                "lower --train_shards / --shard_tokens, or choose another --out")
+    return None
+
+
+def set_in_place(args, paths):
+    """Whether every shard of the set is there as this script generates it: same seed, same sizes."""
+    for index, path in enumerate(paths):
+        if shard_problem(path) is not None:
+            return False
+        header = np.fromfile(path, dtype="<i4", count=SEED_WORD + 1)
+        tokens = args.val_tokens if index == 0 else args.shard_tokens
+        if (header[2], header[SYNTHETIC_WORD], header[SEED_WORD]) != (tokens, SYNTHETIC_MARK, args.seed + 1):
+            return False
+    return True
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     problem = argument_problem(args)
-    names = ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, args.train_shards + 1)]
-    paths = [os.path.join(args.out, name) for name in names]
     if problem is None and os.path.exists(args.out) and not os.path.isdir(args.out):
         problem = f"--out {args.out} is a file, not a folder"
+    problem = problem or space_problem(args)  # before the shards' names: a billion of them fill the memory
+    names = [] if problem else (["fineweb_val_000000.bin"] +
+                                [f"fineweb_train_{i:06d}.bin" for i in range(1, args.train_shards + 1)])
+    paths = [os.path.join(args.out, name) for name in names]
     stale = stale_shards(args.out, names) if problem is None and os.path.isdir(args.out) else []
     if stale:
         problem = (f"{args.out} holds {len(stale)} shard(s) this set would not replace ({stale[0]} ...): a mixture "
@@ -214,6 +257,9 @@ def main(argv=None):
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    if set_in_place(args, paths):
+        print(f"{args.out} holds this set already (seed {args.seed}, the same shards): nothing to do")
+        return 0
     for stale in glob.glob(os.path.join(args.out, ".fineweb_*.partial")):  # left by a run that was killed
         os.remove(stale)
     previous_handler = signal.signal(signal.SIGTERM, interrupted)  # kill as Ctrl-C: clean up, one line
