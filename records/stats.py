@@ -8,7 +8,9 @@ train_time:Tms ...`) is read. For each set one row: runs, steps, mean and sample
 deviation of the training time (seconds) and of the final loss, their differences to the
 baseline, and p, the one-sided one-sample t-test p-value that the true mean loss is below the
 target (a record needs p < 0.01). Under it, each set's time difference to the baseline with its
-95% confidence interval (Welch), and the one-sided p-value that the set is faster.
+95% confidence interval (Welch), and the one-sided p-value that the set is faster; then each set's
+mean ms per step in each stage, from the logs' step lines (train_time at each step's end) and the
+stages of the plan a log prints (a log without one, upstream's, has the record's 1490-step schedule).
 """
 import argparse
 import glob
@@ -21,6 +23,9 @@ import sys
 
 FINAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms")
 FIRST_STEP_LINE = re.compile(r"^step:1/\d+ ", re.MULTILINE)  # once per run
+STEP_LINE = re.compile(r"^step:(\d+)/\d+ (?:val_loss:(\S+) )?train_time:(\d+)ms", re.MULTILINE)
+PLAN_STAGE_LINE = re.compile(r"^  (stage \d|extension): steps (\d+)-(\d+),", re.MULTILINE)
+RECORD_STAGES = (("stage 1", 0, 483), ("stage 2", 483, 967), ("stage 3", 967, 1450), ("extension", 1450, 1490))
 
 
 class StatsError(Exception):
@@ -115,6 +120,25 @@ def read_final(log_path, text):
     return int(steps), loss, int(time_ms) / 1000
 
 
+def curves(text):
+    """({steps done: train_time ms}, [(step, val loss)]) from a log's step and validation lines."""
+    times, losses = {}, []
+    for step, loss, time_ms in STEP_LINE.findall(text):
+        times[int(step)] = int(time_ms)
+        if loss:
+            losses.append((int(step), float(loss)))
+    return times, losses
+
+
+def stage_ms(text, steps):
+    """{stage: mean ms per step} from the step lines, over the stages of the log's plan."""
+    stages = [(name, int(first), int(last) + 1) for name, first, last in PLAN_STAGE_LINE.findall(text)]
+    stages = stages or (RECORD_STAGES if steps == RECORD_STAGES[-1][2] else [])
+    times, _ = curves(text)
+    return {name: (times[end] - times.get(first, 0)) / (end - first) for name, first, end in stages
+            if end in times and (first in times or first == 0)}
+
+
 def read_log(path):
     """The text of a run log: a regular file (a pipe would block the read)."""
     try:
@@ -126,7 +150,8 @@ def read_log(path):
         raise StatsError(f"{path} cannot be read ({e.strerror})") from None
 
 
-def read_set(directory):
+def read_set(directory, seen):
+    """One set's statistics; seen: {log text: path} of every log read so far, in any set."""
     if not os.path.isdir(directory):
         raise StatsError(f"{directory} is not a directory")
     logs = sorted(glob.glob(os.path.join(directory, "*.txt")))
@@ -134,10 +159,13 @@ def read_set(directory):
         raise StatsError(f"{directory} holds {len(logs)} run log(s) (*.txt); statistics need at least 2 runs")
     texts = {}
     for path in logs:
-        twin = texts.setdefault(read_log(path), path)
+        text = read_log(path)
+        twin = seen.setdefault(text, path)
         if twin != path:
             raise StatsError(f"{twin} and {path} are the same log: each run counts once, so remove the copy")
+        texts[text] = path
     runs = [read_final(path, text) for text, path in texts.items()]
+    stages = [stage_ms(text, run[0]) for text, run in zip(texts, runs)]
     lengths = sorted({(r[0], os.path.basename(path)) for r, path in zip(runs, logs)})
     if lengths[0][0] != lengths[-1][0]:
         raise StatsError(f"{directory} mixes runs of {lengths[0][0]} steps ({lengths[0][1]}) and {lengths[-1][0]} "
@@ -147,6 +175,10 @@ def read_set(directory):
         "steps": runs[0][0],
         "losses": [r[1] for r in runs],
         "times": [r[2] for r in runs],
+        "texts": list(texts),
+        # each stage's ms/step, mean over the runs that have it
+        "stage_ms": {name: statistics.mean(s[name] for s in stages if name in s)
+                     for name in dict.fromkeys(name for s in stages for name in s)},
     }
 
 
@@ -173,6 +205,12 @@ def report(sets, target):
         lines += ["", f"{s['name']}:",
                   f"  losses = [{', '.join(f'{x:.4f}' for x in s['losses'])}]",
                   f"  times  = [{', '.join(f'{x:.4f}' for x in s['times'])}]"]
+    names = list(dict.fromkeys(name for s in sets for name in s["stage_ms"]))
+    if names:
+        lines += ["", f"{'ms/step':<{width}}" + "".join(f"{name:>11}" for name in names)]
+        for s in sets:
+            lines.append(f"{s['name']:<{width}}" + "".join(f"{s['stage_ms'][n]:>11.1f}" if n in s["stage_ms"]
+                                                           else f"{'-':>11}" for n in names))
     return "\n".join(lines)
 
 
@@ -189,7 +227,8 @@ def main(argv=None):
             if folder in folders[:i]:
                 raise StatsError(f"{args.dirs[folders.index(folder)]} and {args.dirs[i]} are the same folder: "
                                  "give each set once")
-        sets = [read_set(d) for d in args.dirs]
+        seen = {}
+        sets = [read_set(d, seen) for d in args.dirs]
         for s in sets[1:]:
             if s["steps"] != sets[0]["steps"]:
                 raise StatsError(f"{s['name']} ran {s['steps']} steps and the baseline {sets[0]['name']} "
@@ -197,7 +236,10 @@ def main(argv=None):
     except StatsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(report(sets, args.target))
+    try:
+        print(report(sets, args.target), flush=True)
+    except BrokenPipeError:  # `| head` closed the pipe: what it wanted was printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail
     return 0
 
 

@@ -37,21 +37,6 @@ def write_logs(directory, runs, steps=1490):
             f.write("peak memory allocated: 30000 MiB reserved: 31000 MiB\n")
 
 
-def test_table_of_the_record(tmp_path, capsys):
-    """The record's own runs: 88.83 s, loss 3.2788, p = 0.0097 against 89.80 s, p = 0.0601."""
-    write_logs(tmp_path / "Baseline", [(3.2764, 89.803), (3.2799, 89.711), (3.2773, 89.835), (3.2793, 89.849)])
-    write_logs(tmp_path / "ThisPR", [(3.2783, 88.821), (3.2789, 88.809), (3.2795, 88.806), (3.2786, 88.900)])
-    assert stats.main([str(tmp_path / "Baseline"), str(tmp_path / "ThisPR")]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["Baseline", "4", "1490", "89.7995", "0.0621", "0.0000", "3.2782", "0.0016",
-                                "0.0000", "0.0601"]
-    assert lines[2].split() == ["ThisPR", "4", "1490", "88.8340", "0.0445", "-0.9655", "3.2788", "0.0005",
-                                "0.0006", "0.0097"]
-    assert "ThisPR: time -0.9655 s vs Baseline, 95% interval [-1.0613, -0.8697], p(faster) = 0.0000 (Welch)" in lines
-    assert "  losses = [3.2783, 3.2789, 3.2795, 3.2786]" in lines
-    assert "  times  = [88.8210, 88.8090, 88.8060, 88.9000]" in lines
-
-
 def test_target_option(tmp_path, capsys):
     write_logs(tmp_path / "a", [(3.30, 100.0), (3.31, 101.0), (3.32, 99.0)])
     assert stats.main([str(tmp_path / "a"), "--target", "3.35"]) == 0
@@ -89,7 +74,7 @@ def test_time_difference_interval(tmp_path, capsys):
     difference of means +- t(0.975, 6) * sqrt(2 s^2 / n), s^2 = 5/3 here."""
     spread = [-1.5, -0.5, 0.5, 1.5]
     write_logs(tmp_path / "base", [(3.27, 100 + x) for x in spread])
-    write_logs(tmp_path / "new", [(3.27, 97 + x) for x in spread])
+    write_logs(tmp_path / "new", [(3.26, 97 + x) for x in spread])  # other logs than base's: one time is shared
     assert stats.main([str(tmp_path / "base"), str(tmp_path / "new")]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("new: time")][0]
     se = math.sqrt(2 * (5 / 3) / 4)
@@ -125,6 +110,26 @@ def test_bad_sets_are_one_clear_line(tmp_path, capsys, second_log, message):
     assert stats.main([str(tmp_path / "s")]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_a_log_copied_into_another_set_is_one_clear_line(tmp_path, capsys):
+    write_logs(tmp_path / "a", [(3.2764, 89.803), (3.2799, 89.711)])
+    os.makedirs(tmp_path / "b")
+    for name in ("run0.txt", "run1.txt"):  # byte copies, under other names
+        (tmp_path / "b" / f"copy_{name}").write_bytes((tmp_path / "a" / name).read_bytes())
+    assert stats.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'a' / 'run0.txt'} and {tmp_path / 'b' / 'copy_run0.txt'} "
+                                       "are the same log: each run counts once, so remove the copy\n")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    write_logs(tmp_path / "a", [(3.2764, 89.803), (3.2799, 89.711)])
+    command = f"{sys.executable} {os.path.join(os.path.dirname(__file__), 'stats.py')} {tmp_path / 'a'} | head -1"
+    out = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout.split() == ["Runs", "Steps", "Time", "μ", "Time",
+                                                                                 "σ", "Time", "+/-", "Loss", "μ",
+                                                                                 "Loss", "σ", "Loss", "+/-", "p"]
 
 
 def test_long_step_counts_keep_the_columns(tmp_path, capsys):
@@ -166,6 +171,77 @@ def test_an_unreadable_log_is_one_line(tmp_path, capsys):
     os.chmod(tmp_path / "s" / "run1.txt", 0)
     assert stats.main([str(tmp_path / "s")]) == 1
     assert re.search(r"run1.txt cannot be read \(Permission denied\)", capsys.readouterr().err)
+
+
+def test_stage_times_from_the_step_lines_and_the_plan(tmp_path, capsys):
+    """Per-stage ms/step: the train_time at each stage's end minus at its start, over its steps."""
+    for run, scale in enumerate((1.0, 1.5)):
+        ends = {step: round(scale * (200 * min(step, 5) + 400 * max(0, step - 5))) for step in range(11)}
+        with open(tmp_path / f"run{run}.txt", "w") as f:
+            f.write("plan: 10 steps\n  stage 1: steps 0-4, 131,072 tokens/step\n"
+                    "  stage 2: steps 5-9, 262,144 tokens/step\n")
+            f.writelines(f"step:{step}/10 train_time:{ends[step]}ms step_avg:1ms\n" for step in range(1, 11))
+            f.write(f"step:10/10 val_loss:3.{run} train_time:{ends[10]}ms step_avg:1ms\n")
+    assert stats.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].split() == [tmp_path.name, "250.0", "500.0"]  # means of the runs
+
+
+def test_plot_draws_the_example_submission(tmp_path):
+    """The example's two sets into one PNG (matplotlib: requirements-test.txt)."""
+    pytest.importorskip("matplotlib")
+    import plot
+    example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "track_1_short",
+                           "2026-12-01_FlashAttention4_synthetic")
+    out = tmp_path / "runs.png"
+    assert plot.main([os.path.join(example, "baseline"), os.path.join(example, "fa4"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path):
+    import subprocess
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); import plot; "
+            "sys.exit(plot.main(sys.argv[2:]))")
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == ("error: plot.py needs matplotlib, which training does not: "
+                                                  "pip install matplotlib\n")
+
+
+def readme_blocks():
+    """The outputs quoted in records/README.md: each fenced block without its command line."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        return [block.split("\n", 1)[1] for block in re.findall(r"```\n(\$ .*?)```", f.read(), re.DOTALL)]
+
+
+# Upstream's 2026-02-16_FlattenForward logs (file name, train_time in ms at steps 483, 967, 1450 and
+# 1490, final val loss, its train_time): the lines stats.py reads from them.
+FLATTEN_FORWARD = {
+    "baseline": [
+        ("2026-02-16_19-37-58_time-409_secs_baseline_7df73f", 15885, 44646, 86154, 89615, 3.2799, 89711),
+        ("2026-02-16_19-44-49_time-202_secs_baseline_20ca5d", 15922, 44715, 86250, 89706, 3.2764, 89803),
+        ("2026-02-16_19-48-12_time-201_secs_baseline_11222e", 15910, 44709, 86274, 89739, 3.2773, 89835),
+        ("2026-02-16_19-51-34_time-201_secs_baseline_9d6c00", 15924, 44729, 86290, 89752, 3.2793, 89849)],
+    "pr233": [
+        ("2026-02-16_21-30-05_time-362_secs_F-inject-post-attn_9f12a3", 15661, 44030, 85277, 88710, 3.2789, 88809),
+        ("2026-02-16_21-36-08_time-201_secs_F-inject-post-attn_d395c2", 15651, 44049, 85287, 88720, 3.2783, 88821),
+        ("2026-02-16_21-55-13_time-200_secs_F-inject-post-attn_769769", 15636, 44013, 85267, 88705, 3.2795, 88806),
+        ("2026-02-16_21-58-35_time-199_secs_F-inject-post-attn_3a1077", 15667, 44096, 85365, 88799, 3.2786, 88900)],
+}
+
+
+def test_readme_examples_are_what_stats_prints(tmp_path, capsys, monkeypatch):
+    example, flatten_forward = readme_blocks()
+    monkeypatch.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "track_1_short",
+                                   "2026-12-01_FlashAttention4_synthetic"))
+    assert stats.main(["baseline", "fa4"]) == 0 and capsys.readouterr().out == example
+    for name, runs in FLATTEN_FORWARD.items():
+        os.makedirs(tmp_path / name)
+        for log, *ends, loss, final in runs:
+            lines = [f"step:{step}/1490 train_time:{ms}ms" for step, ms in zip((483, 967, 1450, 1490), ends)]
+            lines.append(f"step:1490/1490 val_loss:{loss} train_time:{final}ms")
+            write_log(tmp_path / name / f"{log}.txt", "\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert stats.main(["baseline", "pr233"]) == 0 and capsys.readouterr().out == flatten_forward
 
 
 def test_example_submission_stats_txt_is_what_stats_prints(capsys, monkeypatch):
