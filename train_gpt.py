@@ -833,9 +833,10 @@ def softcap_ce_with_grad(logits: torch.Tensor, targets: torch.Tensor, mtp_weight
     8 columns; targets int64), and the e5m2 gradient of their sum times grad_multiplier."""
     n_rows, n_cols = logits.shape
     if not (logits.dtype == torch.bfloat16 and logits.is_contiguous() and n_cols % 8 == 0
+            and logits.data_ptr() % 16 == 0  # rows read 16 bytes at a time
             and targets.dtype == torch.int64 and targets.is_contiguous() and mtp_weights.dtype == torch.float32):
-        raise ValueError("softcap_ce_with_grad takes contiguous bf16 logits of a multiple of 8 columns, int64 "
-                         "targets and float32 weights")
+        raise ValueError("softcap_ce_with_grad takes contiguous, 16-byte aligned bf16 logits of a multiple of 8 "
+                         "columns, int64 targets and float32 weights")
     losses = logits.new_empty(n_rows, dtype=torch.float32)
     grad = torch.empty_like(logits, dtype=torch.float8_e5m2)
     kernel = softcap_ce_cuda_kernel(logits.device.index, n_cols, threads, unroll, blocks_per_sm)
