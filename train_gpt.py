@@ -2642,7 +2642,10 @@ def heartbeat(log, what, launch_time, every=HEARTBEAT_SECONDS):
 
     def beat():
         while not done.wait(every):
-            log(f"{what}: still running, {time.perf_counter() - launch_time:.0f}s since launch")
+            try:
+                log(f"{what}: still running, {time.perf_counter() - launch_time:.0f}s since launch")
+            except UsageError:  # the log cannot be written: the main thread's next line says so
+                return
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
     try:
