@@ -704,7 +704,8 @@ def softcap_ce(logits, targets, mtp_weights):
 # reference_mtp_losses does, with the sigmoid as 0.5 + 0.5 tanh.approx(u / 2) (within 4e-6 of the
 # exact one over every bf16 logit, far below the logits' own rounding). Then the row's few target
 # columns are rewritten with their one-hot terms. 512 threads and two blocks per SM: 3.13 ms against
-# the Triton kernel's 4.16 at a stage-3 micro-batch on one H100 (kernels_test.py --bench --sweep).
+# the Triton kernel's 4.16 at a stage-3 micro-batch on one H100 (docs/performance.md; kernels_test.py
+# --bench --sweep times its launch settings).
 # Upstream's record #79 (2026-04-04) first moved this kernel to NVRTC-compiled CUDA.
 SOFTCAP_CE_SOURCE = r"""
 #define VECTORS (VOCAB / 8)  // of 8 bf16, 16 bytes
