@@ -2396,13 +2396,11 @@ def preflight(run):
     before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
     hp, schedule = run.hp, run.schedule
     train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
-    for path in train_files:  # every header and size, used or not
-        check_shard(path)
+    available = sum(shard_tokens(path) for path in train_files)  # checks every header and size, used or not
     check_distinct_files(train_files, val_files)
     check_validation_data(hp.val_files, hp.val_tokens)
     # a step draws at least its batch and a token per slot: a schedule past that is refused before the
     # walk, whose work grows with the steps
-    available = sum(shard_tokens(path) for path in train_files)
     least = sum((end - first) * (schedule.stage(first).batch_tokens + SLOTS_PER_STEP)
                 for _, first, end in schedule.stage_ranges())
     if least > available:
@@ -2852,8 +2850,7 @@ class TrainingClock:
 
     def stage_ms(self, first, end):
         """Mean ms per step on the clock over steps first .. end - 1."""
-        before = self.step_ends[first - 1] if first else 0.0
-        return 1000 * (self.step_ends[end - 1] - before) / (end - first)
+        return 1000 * (self.step_ends[end - 1] - seconds_before(self.step_ends, first)) / (end - first)
 
     def _retire(self):
         step, end = self.pending.popleft()
@@ -2868,11 +2865,16 @@ class TrainingClock:
                  f"time_left:{seconds_left(self.step_ends, self.tokens_before, self.stage_firsts[step], step):.0f}s")
 
 
+def seconds_before(step_ends, step):
+    """Seconds on the clock when step began: the end of the step before it (0 for the first)."""
+    return step_ends[step - 1] if step else 0.0
+
+
 def seconds_left(step_ends, tokens_before, stage_first, step):
     """Training time after step, at the rate per token of its stage so far (later stages take more
     tokens per step); validations not included. step_ends: seconds on the clock at each step's end;
     tokens_before: the tokens of the steps before each step, and of all at the end."""
-    seconds = step_ends[step] - (step_ends[stage_first - 1] if stage_first else 0.0)
+    seconds = step_ends[step] - seconds_before(step_ends, stage_first)
     rate = seconds / (tokens_before[step + 1] - tokens_before[stage_first])
     return rate * (tokens_before[-1] - tokens_before[step + 1])
 
