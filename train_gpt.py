@@ -1,8 +1,8 @@
 """Single-file GPT speedrun: train a GPT-2-small-class model on FineWeb to <= 3.28 val loss.
 
 Launch: torchrun --standalone --nproc_per_node=8 train_gpt.py
-Importing this file runs and changes nothing (main calls configure_torch), so tests can import
-its pieces.
+Importing this file runs and changes nothing (prepare calls configure_torch), so tests and
+profile_gpt.py (the profiler) can import its pieces.
 
 Sections, in file order, with where to start reading each:
   Data       load_shard, ShardReader, distributed_data_generator, validation_batches
@@ -10,7 +10,7 @@ Sections, in file order, with where to start reading each:
   Model      LAYERS, Rotary, attention, GPT
   Optimizer  nesterov_polar_express, PARAM_GROUPS, NorMuonAdam
   Schedule   STAGES, Schedule
-  Main       Hyperparameters, preflight, CompileWorker, TrainingClock, Trainer, main
+  Main       parse_args, prepare, Trainer, warm_up, capture_graphs, train, main
 """
 import argparse
 import collections
@@ -206,9 +206,10 @@ class ShardReader:
     """Walks the training shards in order, one step of BOS-aligned slots at a time; loads the next
     shard and BOS-indexes the current one in background threads."""
 
-    def __init__(self, pattern):
+    def __init__(self, pattern, files=None):
+        """files: the pattern's files, where they are already resolved (shard_files)."""
         self.pattern = pattern
-        self.files = shard_files(pattern)
+        self.files = shard_files(pattern) if files is None else files
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
         self.next_index, self.next_load = 0, None
         self.rewind()
@@ -285,13 +286,13 @@ def plan_step(shard, cursor, local_tokens, max_seq_len):
 
 
 def distributed_data_generator(pattern, batch_tokens, max_seq_len, grad_accum_steps, rank=0, world_size=1,
-                               device="cuda"):
-    """Yields a MicroBatch for each micro-step of this rank.
+                               device="cuda", files=None):
+    """Yields a MicroBatch for each micro-step of this rank (files: as ShardReader takes them).
 
     send((batch_tokens, max_seq_len, grad_accum_steps)) after the last micro-step of a step switches
     the next steps to a new stage and returns that step's first micro-batch.
     """
-    shard = ShardReader(pattern)
+    shard = ShardReader(pattern, files)
     try:
         while True:
             if world_size * grad_accum_steps != SLOTS_PER_STEP or batch_tokens % SLOTS_PER_STEP:
@@ -331,13 +332,13 @@ def validation_files(pattern, val_tokens):
     return files
 
 
-def validation_batches(pattern, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
-    """Yields MicroBatches of contiguous validation windows, not BOS-aligned: slot j of each val step
-    takes local_tokens + 1 tokens at j * local_tokens; documents start at the BOS tokens of the inputs."""
+def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
+    """Yields MicroBatches of contiguous validation windows, not BOS-aligned, from files (validation_files):
+    slot j of each val step takes local_tokens + 1 tokens at j * local_tokens; documents start at the BOS
+    tokens of the inputs."""
     step_tokens = local_tokens * world_size * grad_accum_steps
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
-    files = validation_files(pattern, val_tokens)
     shards = [load_shard(f) for f in files]
     for path, shard in zip(files, shards):
         if not np.any(shard == BOS_ID):
@@ -1678,6 +1679,57 @@ def normuon_apply(p, mantissa, X, lr, decay):
 COMPILE_OPTIONS = dict(dynamic=False, fullgraph=True)  # every torch.compile here: static shapes, one graph
 
 
+class SparseBigramExchange:
+    """The bigram gradient between ranks, only its touched rows: of the table's 251,520 rows, a rank's
+    step touches at most one per token (49,152 at stage 3 on 8 GPUs). Each rank sends the rows touched
+    since the last Adam step to their owner, who adds them into its shard. Which rows go where travels
+    first, over a CPU group, sent before the forward is launched: the host learns the counts without
+    waiting for the GPU (NCCL would queue them behind the forward pass)."""
+
+    def __init__(self, table_rows, rank, world_size):
+        self.rank, self.world_size, self.rows_per_rank = rank, world_size, table_rows // world_size
+        self.cpu_group = dist.new_group(backend="gloo")
+        self.forget()
+
+    def forget(self):
+        self.touched, self.sent = [], None
+
+    def touch(self, bigram_hashes):
+        self.touched += [np.asarray(hashes) for hashes in bigram_hashes]
+
+    def send_rows(self):
+        """Exchange which touched rows go to which owner (counts, then indices), ahead of the gradients."""
+        rows = np.unique(np.concatenate(self.touched)) if self.touched else np.zeros(0, np.int64)
+        self.touched = []
+        rows = torch.from_numpy(rows[rows // self.rows_per_rank != self.rank].astype(np.int64))  # sorted: by owner
+        send_counts = torch.bincount(rows // self.rows_per_rank, minlength=self.world_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.cpu_group)
+        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
+        recv_rows = torch.empty(sum(recv_counts), dtype=torch.int64)
+        work = dist.all_to_all_single(recv_rows, rows, recv_counts, send_counts, group=self.cpu_group,
+                                      async_op=True)
+        self.sent = (rows, send_counts, recv_rows, recv_counts, work)
+
+    def launch(self, grad, chunk):
+        """Send the touched rows of grad to their owners; returns a function that waits and adds the
+        received rows into this rank's chunk of grad, and gives it."""
+        if self.sent is None:  # before_forward was not told of this Adam step
+            self.send_rows()
+        send_rows, send_counts, recv_rows, recv_counts, rows_work = self.sent
+        self.sent = None
+        recv_values = grad.new_empty(len(recv_rows), grad.size(1))
+        values_work = dist.all_to_all_single(recv_values, grad[send_rows.to(grad.device, non_blocking=True)],
+                                             recv_counts, send_counts, async_op=True)
+
+        def add_received_rows():
+            rows_work.wait()
+            values_work.wait()
+            local_rows = (recv_rows - self.rank * chunk.size(0)).to(grad.device, non_blocking=True)
+            return chunk.index_add_(0, local_rows, recv_values)
+        return add_received_rows
+
+
 class NorMuonAdam:
     """Optimizer of every GPT parameter, configured by PARAM_GROUPS. step() reduces gradients
     across ranks (explicitly, in scatter order), updates in work order and gathers shards back."""
@@ -1685,12 +1737,10 @@ class NorMuonAdam:
     def __init__(self, model, rank=0, world_size=1, sparse_bigram=False, adam_lr=0.008, adam_eps=1e-10,
                  adam_weight_decay=0.005, muon_lr=0.023, muon_beta2=0.95, muon_weight_decay=1.2, communicate=True):
         """communicate=False: update this rank's shards as in a world_size run, but exchange nothing
-        (the eight-GPU emulation of --profile: one rank's optimizer work without the network)."""
+        (profile_gpt.py's eight-GPU emulation: one rank's optimizer work without the network)."""
         self.model, self.rank, self.world_size, self.communicate = model, rank, world_size, communicate
-        self.sparse_bigram = sparse_bigram and world_size > 1 and communicate
-        # the bigram exchange's counts and row indices go over a CPU group: the host learns the counts
-        # without waiting for the GPU (NCCL would queue them behind the forward pass)
-        self._cpu_group = dist.new_group(backend="gloo") if self.sparse_bigram else None
+        self.bigram_exchange = (SparseBigramExchange(model.bigram_embed.size(0), rank, world_size)
+                                if sparse_bigram and world_size > 1 and communicate else None)
         self.adam_lr, self.adam_eps, self.adam_weight_decay = adam_lr, adam_eps, adam_weight_decay
         self.muon_lr, self.muon_beta2, self.muon_weight_decay = muon_lr, muon_beta2, muon_weight_decay
         cuda = model.embed.is_cuda
@@ -1704,8 +1754,6 @@ class NorMuonAdam:
         self.params = {g.label: getattr(model, g.attr) for g in PARAM_GROUPS}
         self.state = {label: self._init_state(self.groups[label], p) for label, p in self.params.items()}
         self.tied = True  # embed is lm_head^T until the split step
-        self._bigram_rows = []
-        self._bigram_exchange = None
 
     # --- views and state ---
 
@@ -1753,52 +1801,17 @@ class NorMuonAdam:
             for key, value in saved.items():
                 if torch.is_tensor(value):
                     self.state[label][key].copy_(value)
-        self._bigram_rows, self._bigram_exchange = [], None
-
-    # --- sparse bigram exchange ---
+        if self.bigram_exchange:
+            self.bigram_exchange.forget()
 
     def before_forward(self, bigram_hashes, adam_step):
-        """The optimizer's part of a step before its forward is launched. bigram_hashes: the host-side
-        hashes of this rank's micro-batches, the bigram_embed rows their gradients touch. With the sparse
-        exchange, on an Adam step, the ranks tell each other which of the rows touched since the last one
-        go to which owner: CPU messages, sent now, so that the host does not wait for them behind the
-        forward and backward it launches next."""
-        if self.sparse_bigram:
-            self._bigram_rows += [np.asarray(hashes) for hashes in bigram_hashes]
+        """The optimizer's part of a step before its forward is launched: the sparse bigram exchange
+        learns the rows this step touches (bigram_hashes: the host-side hashes of this rank's
+        micro-batches) and, on an Adam step, sends which go to which owner (SparseBigramExchange)."""
+        if self.bigram_exchange:
+            self.bigram_exchange.touch(bigram_hashes)
             if adam_step:
-                self._exchange_bigram_rows()
-
-    def _exchange_bigram_rows(self):
-        """Exchange which touched rows go to which owner (counts, then indices), ahead of the gradients."""
-        rows_per_rank = self.params["bigram_embed"].size(0) // self.world_size
-        rows = np.unique(np.concatenate(self._bigram_rows)) if self._bigram_rows else np.zeros(0, np.int64)
-        self._bigram_rows = []
-        rows = torch.from_numpy(rows[rows // rows_per_rank != self.rank].astype(np.int64))  # sorted: by owner
-        send_counts = torch.bincount(rows // rows_per_rank, minlength=self.world_size)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self._cpu_group)
-        send_counts, recv_counts = send_counts.tolist(), recv_counts.tolist()
-        recv_rows = torch.empty(sum(recv_counts), dtype=torch.int64)
-        work = dist.all_to_all_single(recv_rows, rows, recv_counts, send_counts, group=self._cpu_group,
-                                      async_op=True)
-        self._bigram_exchange = (rows, send_counts, recv_rows, recv_counts, work)
-
-    def _launch_sparse_bigram(self, grad):
-        if self._bigram_exchange is None:  # before_forward was not told of this Adam step
-            self._exchange_bigram_rows()
-        send_rows, send_counts, recv_rows, recv_counts, rows_work = self._bigram_exchange
-        self._bigram_exchange = None
-        recv_values = grad.new_empty(len(recv_rows), grad.size(1))
-        values_work = dist.all_to_all_single(recv_values, grad[send_rows.to(grad.device, non_blocking=True)],
-                                             recv_counts, send_counts, async_op=True)
-        chunk = self._chunk("bigram_embed", grad)
-
-        def add_received_rows():
-            rows_work.wait()
-            values_work.wait()
-            local_rows = (recv_rows - self.rank * chunk.size(0)).to(grad.device, non_blocking=True)
-            return chunk.index_add_(0, local_rows, recv_values)
-        return add_received_rows
+                self.bigram_exchange.send_rows()
 
     # --- the step ---
 
@@ -1808,8 +1821,8 @@ class NorMuonAdam:
         comms = self.groups[label].comms
         if self.world_size == 1 or not self.communicate:
             return functools.partial(self._chunk, label, grad)
-        if comms == "sharded_sparse" and self.sparse_bigram:
-            return self._launch_sparse_bigram(grad)
+        if comms == "sharded_sparse" and self.bigram_exchange:
+            return self.bigram_exchange.launch(grad, self._chunk(label, grad))
         if comms == "replicated":
             reduced = grad
             work = dist.all_reduce(grad, async_op=True)
@@ -1984,7 +1997,10 @@ class Schedule:
 
 
 # ----------------------------------------------------------------------------------------------
-# Main: torchrun (or plain python, one process) on a world size that divides 8.
+# Main: torchrun (or plain python, one process) on a world size that divides 8. In launch order:
+# the arguments, the pre-flight (every check that needs no GPU), the trainer (a step's mechanics),
+# the warm-up with its compile workers, the CUDA graphs' capture, the timed loop and the summary.
+# profile_gpt.py drives the same pieces to profile a stage.
 
 
 PERSISTENT_ROW_MAX = 1024  # Inductor's own limit on a row it holds in registers for a reduction along it
@@ -2061,16 +2077,12 @@ class Hyperparameters:
     save_checkpoint: bool = hyperparameter(False, "at the end, save model and optimizer to logs/<run_id>_rank<r>.pt")
     run_id: str = hyperparameter("", "the log is logs/<run_id>.txt, a new file", "a fresh uuid")
     seed: int = hyperparameter(0, "seed of the model's initialisation")
-    profile: int = hyperparameter(0, f"profile a few steps of this stage (1 to {len(STAGES)}) after the warm-up, "
-                                      "print GPU time by kernel category, write a Chrome trace to logs/ and exit; "
-                                      "0: train")
     parallel_compile: str = hyperparameter("auto", "worker processes compile the later stages' graphs during the "
                                                    "warm-up (auto: unless the caches hold them already)")
     cuda_graphs: bool = hyperparameter(True, "replay each stage's micro-batch (forward and backward) as one CUDA "
                                              "graph, captured after the warm-up, instead of launching ~700 kernels")
 
 
-PROFILE_WARM_STEPS, PROFILE_STEPS = 2, 4  # --profile N runs this many steps of stage N, then profiles these
 MAX_LEARNING_RATE = 10.0  # far above any that trains (the defaults are 0.008 and 0.023): larger ones are typos
 # Adam computes in float32: a smaller epsilon is 0 there or a subnormal (which GPU arithmetic may flush
 # to 0), and every parameter whose gradient is 0 (a table row no token touched) would get 0/0 = NaN
@@ -2086,7 +2098,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:") and any(map(os.path.exists, message.split()[2:])):
             raise UsageError(f"{message}: the shell expanded a glob; quote --train_files / --val_files patterns, "
                              "e.g. --train_files 'data/synthetic/fineweb_train_*.bin'")
-        raise UsageError(f"{message} (python train_gpt.py --help lists the flags)")
+        raise UsageError(f"{message} (python {self.prog} --help lists the flags)")
 
 
 BOOLEANS = {"true": True, "on": True, "false": False, "off": False}
@@ -2114,9 +2126,10 @@ def repeated_flag(argv):
 def parse_args(argv):
     """(Hyperparameters, check): every field as --name value (or --name-with-hyphens), and what --check
     asked for: None, "all" (arguments and data) or "arguments"."""
-    parser = ArgumentParser(description="Train a GPT-2-small-class model, the speedrun way. Launch with "
-                            "./run.sh, or torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs).",
-                            allow_abbrev=False)
+    parser = ArgumentParser(prog="train_gpt.py", allow_abbrev=False,
+                            description="Train a GPT-2-small-class model, the speedrun way. Launch with ./run.sh, or "
+                            "torchrun --standalone --nproc_per_node=8 train_gpt.py (or 1, 2, 4 GPUs). To profile a "
+                            "stage: python profile_gpt.py --stage N with these flags.")
     parser.add_argument("--check", nargs="?", const="all", choices=("all", "arguments"),
                         help="check the arguments and every data file, print the plan and exit (needs no GPU); "
                              "--check arguments: the arguments and the launch only")
@@ -2138,14 +2151,24 @@ def parse_args(argv):
 
 @dataclass(frozen=True)
 class Run:
-    """What a run derives from its arguments and its place among the ranks: the schedule, gradient
-    accumulation, the bigram exchange and the batch streams. The pre-flight, the compile workers and the
-    trainer take them from here. Two choices are made where they are used: the attention backend (it
-    needs the GPU: GPT) and the compile workers (they depend on the caches: Trainer.warm_up)."""
+    """What a run derives from its arguments and its place among the ranks: the shard lists (resolved
+    once), the schedule, gradient accumulation, the bigram exchange and the batch streams. The pre-flight,
+    the compile workers and the trainer take them from here. Two choices are made where they are used:
+    the attention backend (it needs the GPU: GPT) and the compile workers (they depend on the caches:
+    warm_up)."""
     hp: Hyperparameters
     world_size: int
     rank: int = 0
     device: torch.device = None  # the pre-flight's walks need none
+
+    @functools.cached_property
+    def train_files(self):
+        return shard_files(self.hp.train_files)
+
+    @functools.cached_property
+    def val_files(self):
+        """The first validation shards, those that hold the val_tokens + 1 tokens validation reads."""
+        return validation_files(self.hp.val_files, self.hp.val_tokens)
 
     @property
     def grad_accum(self):
@@ -2163,11 +2186,11 @@ class Run:
     def train_batches(self, stage):
         """This rank's training micro-batches from the first shard on, at stage's shapes."""
         return distributed_data_generator(self.hp.train_files, stage.batch_tokens, stage.max_seq_len,
-                                          self.grad_accum, self.rank, self.world_size, self.device)
+                                          self.grad_accum, self.rank, self.world_size, self.device, self.train_files)
 
     def val_batches(self, val_tokens):
         """This rank's validation micro-batches of val_tokens tokens in all."""
-        return validation_batches(self.hp.val_files, val_tokens, VAL_LOCAL_TOKENS, self.grad_accum, self.rank,
+        return validation_batches(self.val_files, val_tokens, VAL_LOCAL_TOKENS, self.grad_accum, self.rank,
                                   self.world_size, self.device)
 
 
@@ -2197,18 +2220,6 @@ def check_arguments(hp, world_size):
         problems.append(f"--seed must lie in [0, 2^64), as torch.manual_seed takes it, not {hp.seed}")
     if not 0 <= hp.muon_beta2 < 1:
         problems.append(f"--muon_beta2 must lie in [0, 1), not {hp.muon_beta2}")
-    if hp.profile not in range(len(STAGES) + 1):
-        problems.append(f"--profile takes a stage, 1 to {len(STAGES)} (or 0 to train), not {hp.profile}")
-    elif hp.profile:
-        starts = Run(hp, world_size).schedule.starts
-        length = starts[hp.profile] - starts[hp.profile - 1]
-        if length < PROFILE_WARM_STEPS + PROFILE_STEPS:
-            problems.append(f"--profile {hp.profile} runs {PROFILE_WARM_STEPS + PROFILE_STEPS} steps of stage "
-                            f"{hp.profile}, which has {length} here: "
-                            "raise --num_scheduled_iterations")
-    if hp.profile and hp.save_checkpoint:
-        problems.append("--save_checkpoint saves the model at the end of training, and --profile does not train: "
-                        "drop one of them")
     if hp.sparse_bigram == "on" and world_size == 1:
         problems.append("--sparse_bigram on exchanges gradients between GPUs, and this run has one: use auto or off")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", hp.run_id) or hp.run_id.startswith("."):
@@ -2272,10 +2283,6 @@ def checkpoint_path(run_id, rank):
     return os.path.join("logs", f"{run_id}_rank{rank}.pt")
 
 
-def trace_path(run_id, rank):
-    return os.path.join("logs", f"{run_id}_rank{rank}_trace.json")
-
-
 MIN_LOG_FREE_BYTES = 64 * 2**20  # a log holds this script and a line per step: far less
 
 
@@ -2293,8 +2300,8 @@ def checkpoint_bytes(world_size):
     return local_ranks * size(states[0]) + sum(map(size, states[1:]))
 
 
-def check_outputs(hp, world_size):
-    """The files this run will write must be new, in a logs/ folder that is one or can be made, with
+def check_outputs(hp, world_size, extra_paths=()):
+    """The files this run will write (and extra_paths) must be new, in a logs/ folder that is one or can be made, with
     room for them."""
     if os.path.lexists("logs") and not os.path.isdir("logs"):
         raise UsageError("logs is not a folder (a file, or a link to none): runs write their logs into logs/ in "
@@ -2311,7 +2318,7 @@ def check_outputs(hp, world_size):
                          "space, or run from another folder")
     paths = [log_path(hp.run_id)]
     paths += [checkpoint_path(hp.run_id, rank) for rank in range(world_size)] if hp.save_checkpoint else []
-    paths += [trace_path(hp.run_id, rank) for rank in range(world_size)] if hp.profile else []
+    paths += extra_paths
     taken = [path for path in paths if os.path.lexists(path)]
     if taken:
         raise UsageError(f"{taken[0]} exists (an earlier run's, finished or failed): each run writes its own files, "
@@ -2349,9 +2356,9 @@ def check_distinct_files(train_files, val_files):
                             "read twice. Remove one of them.")
 
 
-def check_validation_data(pattern, val_tokens):
+def check_validation_data(run):
     """What validation reads, through validation_batches itself: token ids, BOS tokens, documents per window."""
-    for _ in validation_batches(pattern, val_tokens, VAL_LOCAL_TOKENS, SLOTS_PER_STEP, device="cpu"):
+    for _ in validation_batches(run.val_files, run.hp.val_tokens, VAL_LOCAL_TOKENS, SLOTS_PER_STEP, device="cpu"):
         pass
 
 
@@ -2377,28 +2384,22 @@ def walk_batches(reader, stages, what):
     return reader.next_index, drawn
 
 
-def other_draws(hp, schedule):
+def other_draws(schedule):
     """(what, stages) of every other draw of training batches a run makes, each from the first shard:
-    the warm-up, one step at each stage's shapes (compile workers, CUDA graphs' capture, --profile's
-    launch costs) and --profile's steps."""
+    the warm-up, and one step at each stage's shapes (compile workers, CUDA graphs' capture)."""
     draws = [(" of the warm-up", [schedule.stage(step) for step in schedule.warm_up_steps()])]
-    draws += [(f" of {name}'s first micro-batch", [schedule.stage(first)])
-              for name, first, _ in schedule.stage_ranges()]
-    if hp.profile:  # its steps and the prefetch after the last, as Trainer.profile draws them
-        first = schedule.starts[hp.profile - 1]
-        draws.append((f" of --profile {hp.profile}",
-                      [schedule.stage(first + i) for i in range(PROFILE_WARM_STEPS + PROFILE_STEPS + 1)]))
-    return draws
+    return draws + [(f" of {name}'s first micro-batch", [schedule.stage(first)])
+                    for name, first, _ in schedule.stage_ranges()]
 
 
-def preflight(run):
-    """Check every data file and walk every batch the run will draw, as the loader will, on the CPU,
-    before any GPU work. Returns the plan as lines; raises DataError on the first problem."""
+def preflight(run, extra_draws=()):
+    """Check every data file and walk every batch the run will draw (and extra_draws, as other_draws
+    gives them), as the loader will, on the CPU, before any GPU work. Returns the plan as lines; raises
+    DataError on the first problem."""
     hp, schedule = run.hp, run.schedule
-    train_files, val_files = shard_files(hp.train_files), validation_files(hp.val_files, hp.val_tokens)
-    available = sum(shard_tokens(path) for path in train_files)  # checks every header and size, used or not
-    check_distinct_files(train_files, val_files)
-    check_validation_data(hp.val_files, hp.val_tokens)
+    available = sum(shard_tokens(path) for path in run.train_files)  # checks every header and size, used or not
+    check_distinct_files(run.train_files, run.val_files)
+    check_validation_data(run)
     # a step draws at least its batch and a token per slot: a schedule past that is refused before the
     # walk, whose work grows with the steps
     least = sum((end - first) * (schedule.stage(first).batch_tokens + SLOTS_PER_STEP)
@@ -2406,10 +2407,10 @@ def preflight(run):
     if least > available:
         raise DataError(f"{hp.train_files!r} holds {available:,} tokens, and the schedule's {schedule.total:,} steps "
                         f"draw at least {least:,}: add shards ({FETCH_HINT}), or shorten the schedule")
-    reader = ShardReader(hp.train_files)  # one reader for every draw: the first shard is read once more at most
+    reader = ShardReader(hp.train_files, run.train_files)  # one for every draw: the first shard read once more at most
     try:
         shards, drawn = walk_batches(reader, [schedule.stage(step) for step in range(schedule.total)], "")
-        for what, stages in other_draws(hp, schedule):
+        for what, stages in other_draws(schedule) + list(extra_draws):
             walk_batches(reader, stages, what)
     finally:
         reader.close()
@@ -2419,10 +2420,67 @@ def preflight(run):
         short, long = (WINDOW_BLOCK * blocks for blocks in stage.windows)
         lines.append(f"  {name}: steps {first}-{end - 1}, {stage.batch_tokens:,} tokens/step, documents cut at "
                      f"{stage.max_seq_len}, windows {short}/{long}")
-    lines.append(f"  train: {shards} of the {len(train_files)} shard(s) of {hp.train_files!r}, "
+    lines.append(f"  train: {shards} of the {len(run.train_files)} shard(s) of {hp.train_files!r}, "
                  f"{drawn:,} tokens drawn (a shard's tail that cannot hold a whole step is skipped)")
-    lines.append(f"  val: {hp.val_tokens:,} + 1 tokens from {len(val_files)} shard(s) of {hp.val_files!r}")
+    lines.append(f"  val: {hp.val_tokens:,} + 1 tokens from {len(run.val_files)} shard(s) of {hp.val_files!r}")
     return lines
+
+
+def no_extras(*_):
+    return []
+
+
+def prepare(hp, check, extra_draws=no_extras, extra_outputs=no_extras):
+    """Everything before the GPU work, for the arguments parse_args gives: the launch, the arguments, the
+    outputs and (unless --check arguments) the pre-flight; then the GPU is chosen. Returns (Run, the
+    plan's lines), or None where --check ends the run, having printed its result. A tool adds its own
+    draws and files (profile_gpt.py): extra_draws(schedule) as other_draws gives them (checked with the
+    arguments: it may raise UsageError), extra_outputs(run_id, world_size) as paths."""
+    check_torch_version(torch.__version__)
+    configure_torch()
+    rank, world_size, local_rank = launch_environment()
+    check_world_size(world_size)
+    check_arguments(hp, world_size)
+    run = Run(hp, world_size, rank, torch.device("cuda", local_rank))
+    draws = extra_draws(run.schedule)
+    if check:  # a GPU run learns it from attention_backend, after the GPU is chosen (no import before that)
+        check_fa4_installed(hp.attention)
+    hp.run_id = hp.run_id or str(uuid.uuid4())  # several ranks: rank 0's, once they connect (session)
+    check_outputs(hp, world_size, extra_outputs(hp.run_id, world_size))
+    notes = launch_notes(world_size, check)
+    if check == "arguments":
+        if rank == 0:
+            print_lines([f"arguments checked for world size {world_size}", *notes])
+        return None
+    t0 = time.perf_counter()
+    plan = preflight(run, draws)
+    plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
+    if check:
+        if rank == 0:
+            print_lines(plan + notes)
+        return None
+    if not re.fullmatch(r"[1-9][0-9]*", os.environ.get("OMP_NUM_THREADS", "").strip()):
+        # Unset (or unreadable: OpenMP has said so and ignored it), one thread, as torchrun sets, so a plain
+        # run's host data path matches a torchrun one: copies above 32768 elements (stage 3's micro-batches)
+        # would otherwise go to an OpenMP pool of every core.
+        torch.set_num_threads(1)
+    check_gpu(run.device)
+    return run, plan
+
+
+def check_gpu(device):
+    """The GPU this rank trains on: there, and a Hopper or newer. Made current."""
+    if not torch.cuda.is_available():
+        raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
+                         "--check validates the data without one")
+    if device.index >= torch.cuda.device_count():
+        raise UsageError(f"LOCAL_RANK={device.index}, but this machine has {torch.cuda.device_count()} GPU(s) in "
+                         "view (CUDA_VISIBLE_DEVICES): start at most that many processes per machine")
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UsageError(f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: the kernels need sm90 or newer "
+                         "(Hopper: H100 / H200), for TMA descriptors and FP8 matrix products")
+    torch.cuda.set_device(device)
 
 
 class Logger:
@@ -2470,6 +2528,27 @@ class Logger:
             raise
 
 
+@contextlib.contextmanager
+def session(run, plan):
+    """The process group (several GPUs) and the log, opened with its header and the plan, for the body
+    of a run: yields the log. The group is destroyed after, however the body ends."""
+    if run.world_size > 1:
+        dist.init_process_group("nccl", device_id=run.device)
+        run_ids = [run.hp.run_id]  # without --run_id, every rank drew its own: all take rank 0's
+        dist.broadcast_object_list(run_ids, src=0)
+        run.hp.run_id = run_ids[0]
+    try:
+        log = Logger(run.hp.run_id, run.rank == 0)
+        log.header()
+        log(f"world size {run.world_size}, gradient accumulation {run.grad_accum}, {run.hp}")
+        for line in plan:
+            log(line)
+        yield log
+    finally:
+        if run.world_size > 1:
+            dist.destroy_process_group()
+
+
 def save_whole(state, path):
     """torch.save into a temporary name, renamed once whole: a failed save leaves nothing behind."""
     partial = f"{path}.partial"
@@ -2501,50 +2580,6 @@ def accumulate_micro_batch(compiled, batch, stage, mtp, step_loss):
     step_loss += loss.detach() * LOSS_SCALE
 
 
-class MicroBatchGraphs:
-    """accumulate_micro_batch as one CUDA graph per stage: the host launches one graph instead of ~700
-    kernels. A graph bakes in what the host passed at capture: the stage's shapes and windows and the
-    attention scale (YaRN's, a CPU tensor), so each (stage, scale) gets its own capture; the batch and
-    the MTP weights are copied into the graph's input buffers. A replay adds into the .grad tensors
-    present at capture, so those must never be replaced (the optimizer zeroes them in place). All
-    graphs share one memory pool: they never run at the same time."""
-
-    def __init__(self, compiled, step_loss):
-        self.compiled, self.step_loss = compiled, step_loss
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()
-        self.graphs = {}
-
-    @staticmethod
-    def key(stage, attn_scale):
-        return graph_key(stage), stage.windows, float(attn_scale)
-
-    def prime(self, stage, batch, mtp):
-        """Run a micro-batch eagerly on the capture stream before capturing: lazy initialisations for that stream.
-        It adds its gradients and loss: zero them after. Run every stage's before the first capture."""
-        torch.cuda.synchronize()
-        with torch.cuda.stream(self.stream):
-            accumulate_micro_batch(self.compiled, batch, stage, mtp.clone(), self.step_loss)
-        torch.cuda.synchronize()
-
-    def capture(self, stage, attn_scale, batch, mtp):
-        """Capture stage's micro-batch; the host values it reads (windows, attn_scale) are the current ones."""
-        inputs = MicroBatch(*(t.clone() for t in batch[:4]), batch.bigram_rows)
-        mtp = mtp.clone()
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (the NCCL watchdog, data loading) may keep using CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            accumulate_micro_batch(self.compiled, inputs, stage, mtp, self.step_loss)
-        self.graphs[self.key(stage, attn_scale)] = graph, inputs, mtp
-
-    def replay(self, stage, attn_scale, batch, mtp):
-        graph, inputs, static_mtp = self.graphs[self.key(stage, attn_scale)]
-        for static, new in zip(inputs[:4], batch[:4]):
-            static.copy_(new, non_blocking=True)
-        static_mtp.copy_(mtp, non_blocking=True)
-        graph.replay()
-
-
 def run_eval_graph(compiled, batch, windows):
     return compiled(batch.inputs, batch.targets, batch.cu_seqlens, batch.bigram_hash, VAL_LOCAL_TOKENS,
                     window_tensor(windows))
@@ -2555,6 +2590,119 @@ def build_model(hp, device):
     the same graphs, and so the cache entries the main process looks for."""
     model = GPT(device=device, attention=hp.attention)
     return model, functools.partial(model, trunk=torch.compile(model.trunk, **COMPILE_OPTIONS))
+
+
+class Trainer:
+    """The model, its compiled form and its optimizer, and the mechanics of a step: its micro-batches,
+    forward and backward (replaying the CUDA graphs once captured), the optimizer; and validation."""
+
+    def __init__(self, run):
+        self.run, self.schedule = run, run.schedule
+        torch.manual_seed(run.hp.seed)
+        self.model, self.compiled = build_model(run.hp, run.device)
+        if run.world_size > 1:
+            for p in self.model.parameters():
+                dist.broadcast(p.detach(), 0)
+        self.optimizer = self.new_optimizer(run.rank, run.world_size, sparse_bigram=run.sparse_bigram)
+        self.step_loss = torch.zeros((), device=run.device)  # the step's loss, accumulated on the GPU
+        # each stage's MTP weights, a row per step, on the GPU once: no copy from the host per step
+        self.mtp_tables = {self.schedule.stage_index(first): torch.tensor(
+            [self.schedule.mtp_weights(step) for step in range(first, end)], dtype=torch.float32, device=run.device)
+            for _, first, end in self.schedule.stage_ranges()}
+        self.graphs = None  # MicroBatchGraphs, captured after the warm-up (--cuda_graphs)
+
+    def new_optimizer(self, rank, world_size, **options):
+        hp = self.run.hp
+        return NorMuonAdam(self.model, rank, world_size, adam_lr=hp.adam_lr, adam_eps=hp.adam_eps,
+                           adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr, muon_beta2=hp.muon_beta2,
+                           muon_weight_decay=hp.muon_weight_decay, **options)
+
+    def state(self):
+        """A copy of the parameters and the optimizer's state, for restore."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}, self.optimizer.state_dict()
+
+    def restore(self, state):
+        """Back to state(): parameters, optimizer and rotary; gradients zeroed in place (CUDA graphs
+        accumulate into these tensors)."""
+        parameters, optimizer = state
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(parameters[n])
+                p.grad.zero_()
+        self.optimizer.load_state_dict(optimizer)
+        self.model.rotary.reset()
+
+    def mtp_weights(self, step):
+        stage = self.schedule.stage_index(step)
+        return self.mtp_tables[stage][step - self.schedule.starts[stage]]
+
+    def loader(self, first_step=0):
+        """Training micro-batches from the first shard on, at the shapes of first_step's stage."""
+        return self.run.train_batches(self.schedule.stage(first_step))
+
+    def first_micro_batch(self, first_step):
+        """This rank's first micro-batch at first_step's shapes, from the first shard."""
+        loader = self.loader(first_step)
+        batch = next(loader)
+        loader.close()
+        return batch
+
+    def micro_batches(self, loader, step):
+        """The step's micro-batches; the first one tells the loader about a new stage."""
+        stage = self.schedule.stage(step)
+        new_stage = step > 0 and self.schedule.stage(step - 1) != stage
+        first = loader.send((stage.batch_tokens, stage.max_seq_len, self.run.grad_accum)) if new_stage else next(loader)
+        return [first] + [next(loader) for _ in range(self.run.grad_accum - 1)]
+
+    def accumulate_gradients(self, step, batches, use_graphs=True):
+        """Forward and backward over the step's micro-batches: gradients into .grad, the loss into step_loss;
+        through the captured CUDA graphs if there are any (and use_graphs)."""
+        stage = self.schedule.stage(step)
+        self.step_loss.zero_()
+        for batch in batches:
+            if self.graphs is None or not use_graphs:
+                accumulate_micro_batch(self.compiled, batch, stage, self.mtp_weights(step).clone(), self.step_loss)
+            else:
+                self.graphs.replay(stage, self.model.rotary.attn_scale, batch, self.mtp_weights(step))
+
+    def optimizer_step(self, step, optimizer):
+        with torch.profiler.record_function("optimizer"):  # profile_gpt.py's optimizer row
+            optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step),
+                           self.schedule.adam_step(step))
+
+    def train_step(self, step, batches):
+        """Forward and backward over the step's micro-batches, then the optimizer. Nothing waits for the GPU."""
+        self.optimizer.before_forward([batch.bigram_rows for batch in batches], self.schedule.adam_step(step))
+        self.accumulate_gradients(step, batches)
+        self.optimizer_step(step, self.optimizer)
+        if step == self.schedule.split_step:
+            self.optimizer.untie()
+
+    def apply_yarn(self, step):
+        """Stretch the rotary frequencies when the long window grows at this step."""
+        if step > 0:
+            old, new = self.schedule.stage(step - 1).windows[1], self.schedule.stage(step).windows[1]
+            if new != old:
+                self.model.rotary.yarn(WINDOW_BLOCK * old, WINDOW_BLOCK * new)
+
+    def set_rotary(self, step):
+        """The rotary tables and attention scale as training has them at step."""
+        self.model.rotary.reset()
+        for s in range(1, step + 1):
+            self.apply_yarn(s)
+
+    @torch.no_grad()
+    def validate(self, windows, val_batches=None):
+        """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
+        if val_batches is None:
+            val_batches = self.run.val_batches(self.run.hp.val_tokens)
+        total, count = torch.zeros((), device=self.run.device), 0
+        for batch in val_batches:
+            total += run_eval_graph(self.compiled, batch, windows)
+            count += 1
+        if self.run.world_size > 1:
+            dist.all_reduce(total)
+        return total.item() / (count * self.run.world_size)
 
 
 def compile_graph(run, stage):
@@ -2617,6 +2765,32 @@ class CompileWorker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+
+
+def start_compile_workers(run):
+    """One worker process per graph after the main process's first (stage 1's training graph),
+    on this rank's GPU, sharing the machine's CPUs with the other ranks' workers."""
+    stages = {}
+    for _, first, _ in run.schedule.stage_ranges():
+        stages.setdefault(graph_key(run.schedule.stage(first)), run.schedule.stage(first))
+    jobs = [(key, stage) for key, stage in list(stages.items())[1:]] + [("eval", None)]
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size)) * (len(jobs) + 1)
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    context = multiprocessing.get_context("spawn")
+    return {key: CompileWorker(context, "the evaluation graph" if stage is None else
+                               f"the training graph of {stage.batch_tokens:,} tokens/step", threads, run, stage)
+            for key, stage in jobs}
+
+
+def await_worker(workers, key, log):
+    """Wait for the worker compiling this graph, if one does: the main process then loads it from the cache."""
+    if key in workers:
+        worker = workers.pop(key)
+        result = worker.result()
+        if isinstance(result, str):
+            log(f"warm-up: the worker compiling {worker.name} failed ({result}); compiling it here")
+        else:
+            log(f"warm-up: a worker compiled {worker.name} in {result[0]:.1f}s (GPU peak {result[1]:.1f} GiB)")
 
 
 def warm_cache_marker(attention, world_size):
@@ -2687,117 +2861,117 @@ def describe_compile(before, after):
             f"{d['fxgraph_cache_miss']:.0f} Inductor misses, {d['autograd_cache_bypass']:.0f} AOT bypasses)")
 
 
-# --profile: GPU kernels by category. NCCL's are NCCL, the others launched inside the optimizer's
-# step are optimizer, and the first category with a pattern in the kernel's name takes the rest.
-KERNEL_CATEGORIES = (
-    ("attention", ("flash", "fmha")),
-    ("linear+ReLU^2 kernel", ("linear_relu_square",)),
-    ("cross-entropy kernels", ("softcap_ce",)),
-    ("q/k norm+rotary kernels", ("qkv_heads",)),
-    ("embedding gradients", ("embedding_grad", "radixsort", "sortkv")),  # the kernel and torch.sort's
-    ("Inductor kernels", ("triton_",)),
-    ("transposes", ("transpose",)),
-    ("FP8 GEMMs", ("e4m3", "e5m2", "_qq", "_qr", "_rq")),  # cuBLAS's nvjet names: q e4m3, r e5m2
-    ("bf16 GEMMs", ("gemm", "nvjet", "xmma", "cutlass", "splitk")),
-    ("copies and fills", ("memcpy", "memset", "copy", "fill")),
-    ("eager PyTorch kernels", ("at::native",)),
-)
+def warm_up(trainer, log, launch_time):
+    """Compile every graph on real batches (a training step and an eval forward at each warm-up step),
+    then restore the initial model, optimizer and rotary: warm-up trains nothing. Meanwhile worker
+    processes compile the later graphs (--parallel_compile). Then the CUDA graphs are captured."""
+    run, schedule = trainer.run, trainer.schedule
+    initial = trainer.state()
+    marker = warm_cache_marker(trainer.model.attention_backend, run.world_size)
+    warm = os.path.exists(marker)
+    parallel = {"on": True, "off": False, "auto": not warm}[run.hp.parallel_compile]
+    log(f"warm-up: {'compile workers' if parallel else 'no compile workers'} (--parallel_compile "
+        f"{run.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
+    workers = start_compile_workers(run) if parallel else {}
+    loader = trainer.loader()
+    try:
+        val_batch = [next(run.val_batches(VAL_BATCH_TOKENS))]
+        steps = schedule.warm_up_steps()
+        for k, step in enumerate(steps, 1):
+            stage = schedule.stage(step)
+            what = f"warm-up step {k} of {len(steps)} (step {step}, {stage.name})"
+            log(f"{what}: {time.perf_counter() - launch_time:.0f}s since launch")
+            before = compile_snapshot()
+            with heartbeat(log, what, launch_time):
+                trainer.apply_yarn(step)
+                await_worker(workers, graph_key(stage), log)
+                trainer.train_step(step, trainer.micro_batches(loader, step))
+                await_worker(workers, "eval", log)
+                trainer.validate(stage.windows, val_batch)
+                torch.cuda.synchronize()
+            log(f"{what} done in {describe_compile(before, compile_snapshot())}")
+    finally:
+        loader.close()
+        for worker in workers.values():
+            worker.stop()
+    open(marker, "w").close()
+    trainer.restore(initial)
+    if run.hp.cuda_graphs:
+        trainer.graphs = capture_graphs(trainer, log)
+    log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
+    log("Resetting Model")
 
 
-def kernel_category(name, in_optimizer):
-    lowered = name.lower()
-    if "nccl" in lowered:
-        return "NCCL"
-    if in_optimizer:
-        return "optimizer"
-    return next((c for c, patterns in KERNEL_CATEGORIES if any(p in lowered for p in patterns)), "other")
+class MicroBatchGraphs:
+    """accumulate_micro_batch as one CUDA graph per stage: the host launches one graph instead of ~700
+    kernels. A graph bakes in what the host passed at capture: the stage's shapes and windows and the
+    attention scale (YaRN's, a CPU tensor), so each (stage, scale) gets its own capture; the batch and
+    the MTP weights are copied into the graph's input buffers. A replay adds into the .grad tensors
+    present at capture, so those must never be replaced (the optimizer zeroes them in place). All
+    graphs share one memory pool: they never run at the same time."""
 
+    def __init__(self, compiled, step_loss):
+        self.compiled, self.step_loss = compiled, step_loss
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+        self.graphs = {}
 
-def gpu_time_by(kernels, keys):
-    """(GPU microseconds, launches) per key, from kernels (name, start, end) and each one's key."""
-    totals, launches = collections.Counter(), collections.Counter()
-    for key, (_, start, end) in zip(keys, kernels, strict=True):
-        totals[key] += end - start
-        launches[key] += 1
-    return totals, launches
+    @staticmethod
+    def key(stage, attn_scale):
+        return graph_key(stage), stage.windows, float(attn_scale)
 
-
-def profile_table(kernels, optimizer_ranges, span, steps):
-    """Rows (category, ms/step, share of the span, kernels/step) from GPU kernels (name, start, end) in
-    microseconds, optimizer_ranges (start, end) on the GPU timeline, and the profiled span; then the
-    GPU's idle time (the span less the union of kernel intervals) and the whole step."""
-    totals, counts = gpu_time_by(kernels, [kernel_category(name, any(a <= start < b for a, b in optimizer_ranges))
-                                           for name, start, _ in kernels])
-    busy, covered_to = 0.0, -math.inf
-    for _, start, end in sorted(kernels, key=lambda k: k[1]):  # union of intervals (streams overlap)
-        busy += max(0.0, end - max(start, covered_to))
-        covered_to = max(covered_to, end)
-    rows = [(c, totals[c] / steps / 1000, totals[c] / span, counts[c] / steps)
-            for c in sorted(totals, key=totals.get, reverse=True)]
-    rows.append(("idle (no kernel running)", (span - busy) / steps / 1000, (span - busy) / span, 0))
-    rows.append(("step", span / steps / 1000, 1.0, len(kernels) / steps))
-    return rows
-
-
-PROFILE_TOP_KERNELS, KERNEL_NAME_WIDTH = 12, 100  # --profile lists this many kernels, names cut to this width
-
-
-def top_kernels(kernels, steps, n=PROFILE_TOP_KERNELS):
-    """The n kernels of most GPU time by name, from (name, start, end) in microseconds: rows (name, ms
-    per step, launches per step, microseconds per launch). The categories say what kind of work, this
-    which kernel (an Inductor kernel's name lists the operations it fused)."""
-    totals, launches = gpu_time_by(kernels, [name for name, _, _ in kernels])
-    return [(name, total / steps / 1000, launches[name] / steps, total / launches[name])
-            for name, total in totals.most_common(n)]
-
-
-RECORD_SCHEDULE = (1450, 40)  # the record's scheduled and extension steps, the defaults
-# 8xH100 training times to compare with: the record whose math this script runs, and upstream's newest
-RECORD_74_SECONDS, CURRENT_RECORD = 88.8, ("#89 (2026-07-17)", 73.8)
-RECORD_74_STAGE_MS = (32.5, 58.7, 85.3, 85.8)  # its published log's stages 1, 2, 3 and extension
-TARGET_VAL_LOSS = 3.28  # on FineWeb's validation tokens
-
-
-def target_verdict(val_loss, val_pattern):
-    """Whether the final validation loss reached the record's target; no target on synthetic data."""
-    if is_synthetic(shard_files(val_pattern)[0]):
-        return "synthetic data: no target"
-    return f"the {TARGET_VAL_LOSS} target {'reached' if val_loss <= TARGET_VAL_LOSS else 'NOT reached'}"
-
-
-def projected_record_time(stage_ms):
-    """One line: the eight-GPU emulation's ms per step (by stage index; the extension, if not measured,
-    at the last stage's shapes) summed over the record's schedule, beside the records' times."""
-    schedule = Schedule(*RECORD_SCHEDULE)
-    seconds = sum(stage_ms.get(schedule.stage_index(first), stage_ms[len(STAGES) - 1]) * (end - first)
-                  for _, first, end in schedule.stage_ranges()) / 1000
-    name, record_seconds = CURRENT_RECORD
-    return (f"projected 8xH100 training time over the record's {'+'.join(map(str, RECORD_SCHEDULE))} steps: "
-            f"{seconds:.1f} s before communication (the 8xH100 records: #74, this script's math, "
-            f"{RECORD_74_SECONDS} s; upstream's newest, {name}, {record_seconds} s)")
-
-
-SLEEP_CYCLES = 400_000_000  # about 0.2 s of an H100's or H200's clock: far longer than launching a step
-
-
-def time_launch(enqueue, repeats=5):
-    """(host ms, GPU ms) of enqueue(), medians. The host's time is taken while a sleep kernel holds the
-    GPU, so that a full launch queue never throttles it; NaN if the GPU woke before the host was done.
-    The GPU's is taken with CUDA events."""
-    host, gpu = [], []
-    for _ in range(repeats):
+    def prime(self, stage, batch, mtp):
+        """Run a micro-batch eagerly on the capture stream before capturing: lazy initialisations for that stream.
+        It adds its gradients and loss: zero them after. Run every stage's before the first capture."""
         torch.cuda.synchronize()
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        enqueue()
-        seconds = time.perf_counter() - t0
-        host.append(math.nan if start.query() else 1000 * seconds)
-        end.record()
-        end.synchronize()
-        gpu.append(start.elapsed_time(end))
-    return float(np.median(host)), float(np.median(gpu))
+        with torch.cuda.stream(self.stream):
+            accumulate_micro_batch(self.compiled, batch, stage, mtp.clone(), self.step_loss)
+        torch.cuda.synchronize()
+
+    def capture(self, stage, attn_scale, batch, mtp):
+        """Capture stage's micro-batch; the host values it reads (windows, attn_scale) are the current ones."""
+        inputs = MicroBatch(*(t.clone() for t in batch[:4]), batch.bigram_rows)
+        mtp = mtp.clone()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (the NCCL watchdog, data loading) may keep using CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            accumulate_micro_batch(self.compiled, inputs, stage, mtp, self.step_loss)
+        self.graphs[self.key(stage, attn_scale)] = graph, inputs, mtp
+
+    def replay(self, stage, attn_scale, batch, mtp):
+        graph, inputs, static_mtp = self.graphs[self.key(stage, attn_scale)]
+        for static, new in zip(inputs[:4], batch[:4]):
+            static.copy_(new, non_blocking=True)
+        static_mtp.copy_(mtp, non_blocking=True)
+        graph.replay()
+
+
+def capture_graphs(trainer, log):
+    """One CUDA graph per stage, largest first (the smaller ones reuse its memory), each with the
+    attention scale of its stage; then gradients and loss are zeroed and the rotary reset."""
+    t0 = time.perf_counter()
+    model, schedule = trainer.model, trainer.schedule
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    graphs = MicroBatchGraphs(trainer.compiled, trainer.step_loss)
+    firsts = [first for _, first, _ in reversed(schedule.stage_ranges())]
+    batches = [trainer.first_micro_batch(first) for first in firsts]
+    # emptied before and after the warm-up runs: the caching allocator keeps blocks per stream, so
+    # the warm-up steps' cache, these runs' cache and the graphs' pool would otherwise add up
+    torch.cuda.empty_cache()
+    for first, batch in zip(firsts, batches):
+        graphs.prime(schedule.stage(first), batch, trainer.mtp_weights(first))
+    torch.cuda.empty_cache()
+    for first, batch in zip(firsts, batches):
+        trainer.set_rotary(first)
+        graphs.capture(schedule.stage(first), model.rotary.attn_scale, batch, trainer.mtp_weights(first))
+    model.rotary.reset()
+    torch._foreach_zero_([p.grad for p in model.parameters()] + [trainer.step_loss])
+    torch.cuda.synchronize()
+    log(f"CUDA graphs: {len(graphs.graphs)} captured in {time.perf_counter() - t0:.1f}s "
+        f"(GPU memory reserved: {torch.cuda.memory_reserved() / 2**30:.1f} GiB)")
+    return graphs
 
 
 LAUNCH_AHEAD_STEPS = 2  # the host launches at most this many steps beyond the last one the GPU finished
@@ -2905,401 +3079,69 @@ def timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, valid
         clock.keep_up()
 
 
-class Trainer:
-    def __init__(self, run):
-        self.run, self.schedule = run, run.schedule
-        torch.manual_seed(run.hp.seed)
-        self.model, self.compiled = build_model(run.hp, run.device)
-        if run.world_size > 1:
-            for p in self.model.parameters():
-                dist.broadcast(p.detach(), 0)
-        self.optimizer = self.new_optimizer(run.rank, run.world_size, sparse_bigram=run.sparse_bigram)
-        self.step_loss = torch.zeros((), device=run.device)  # the step's loss, accumulated on the GPU
-        # each stage's MTP weights, a row per step, on the GPU once: no copy from the host per step
-        self.mtp_tables = {self.schedule.stage_index(first): torch.tensor(
-            [self.schedule.mtp_weights(step) for step in range(first, end)], dtype=torch.float32, device=run.device)
-            for _, first, end in self.schedule.stage_ranges()}
-        self.graphs = None  # MicroBatchGraphs, captured after the warm-up (--cuda_graphs)
+def train(trainer, log, launch_time):
+    """The schedule on the clock, then the summary and the checkpoint (--save_checkpoint)."""
+    run, schedule = trainer.run, trainer.schedule
+    loader = trainer.loader()
+    graphs_after_warm_up = counters["stats"]["unique_graphs"]
+    # step_loss is LOSS_SCALE times the sum of this rank's micro-batches' losses, each the sum over its
+    # tokens of the multi-token losses: per token, the MTP weights' weighted mean of the losses
+    loss_divisors = [LOSS_SCALE * run.grad_accum * schedule.stage(step).batch_tokens / SLOTS_PER_STEP
+                     * sum(schedule.mtp_weights(step)) for step in range(schedule.total)]
+    clock = TrainingClock(schedule, loss_divisors, log, f"Lower the learning rates (--adam_lr {run.hp.adam_lr}, "
+                                                        f"--muon_lr {run.hp.muon_lr}) or check the data.")
 
-    def new_optimizer(self, rank, world_size, **options):
-        hp = self.run.hp
-        return NorMuonAdam(self.model, rank, world_size, adam_lr=hp.adam_lr, adam_eps=hp.adam_eps,
-                           adam_weight_decay=hp.adam_weight_decay, muon_lr=hp.muon_lr, muon_beta2=hp.muon_beta2,
-                           muon_weight_decay=hp.muon_weight_decay, **options)
+    def launch_step(step, batches):
+        trainer.apply_yarn(step)
+        trainer.train_step(step, batches)
+        return trainer.step_loss
+    val_loss = timed_loop(schedule, run.hp.val_loss_every, clock, functools.partial(trainer.micro_batches, loader),
+                          launch_step, trainer.validate, log)
+    loader.close()
+    if counters["stats"]["unique_graphs"] > graphs_after_warm_up:
+        log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warm_up} graph(s) compiled after the "
+            "warm-up: the step times include their compilation (Schedule.warm_up_steps misses a path)")
+    summarize(log, run, clock, val_loss, time.perf_counter() - launch_time)
+    if run.hp.save_checkpoint:
+        path = checkpoint_path(run.hp.run_id, run.rank)
+        save_whole({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}, path)
+        log(f"saved {path} (and one per rank)")
 
-    def mtp_weights(self, step):
-        stage = self.schedule.stage_index(step)
-        return self.mtp_tables[stage][step - self.schedule.starts[stage]]
 
-    def loader(self, first_step=0):
-        """Training micro-batches from the first shard on, at the shapes of first_step's stage."""
-        return self.run.train_batches(self.schedule.stage(first_step))
+RECORD_74_STAGE_MS = (32.5, 58.7, 85.3, 85.8)  # its published log's stages 1, 2, 3 and extension, on 8xH100
+TARGET_VAL_LOSS = 3.28  # on FineWeb's validation tokens
 
-    def accumulate_gradients(self, step, batches, use_graphs=True):
-        """Forward and backward over the step's micro-batches: gradients into .grad, the loss into step_loss;
-        through the captured CUDA graphs if there are any (and use_graphs)."""
-        stage = self.schedule.stage(step)
-        self.step_loss.zero_()
-        for batch in batches:
-            if self.graphs is None or not use_graphs:
-                accumulate_micro_batch(self.compiled, batch, stage, self.mtp_weights(step).clone(), self.step_loss)
-            else:
-                self.graphs.replay(stage, self.model.rotary.attn_scale, batch, self.mtp_weights(step))
 
-    def optimizer_step(self, step, optimizer):
-        with torch.profiler.record_function("optimizer"):  # the --profile table's optimizer row
-            optimizer.step(self.schedule.lr_multiplier(step), self.schedule.momentum(step),
-                           self.schedule.adam_step(step))
+def target_verdict(val_loss, val_file):
+    """Whether the final validation loss reached the record's target; no target on synthetic data."""
+    if is_synthetic(val_file):
+        return "synthetic data: no target"
+    return f"the {TARGET_VAL_LOSS} target {'reached' if val_loss <= TARGET_VAL_LOSS else 'NOT reached'}"
 
-    def train_step(self, step, batches):
-        """Forward and backward over the step's micro-batches, then the optimizer. Nothing waits for the GPU."""
-        self.optimizer.before_forward([batch.bigram_rows for batch in batches], self.schedule.adam_step(step))
-        self.accumulate_gradients(step, batches)
-        self.optimizer_step(step, self.optimizer)
-        if step == self.schedule.split_step:
-            self.optimizer.untie()
 
-    def micro_batches(self, loader, step):
-        """The step's micro-batches; the first one tells the loader about a new stage."""
-        stage = self.schedule.stage(step)
-        new_stage = step > 0 and self.schedule.stage(step - 1) != stage
-        first = loader.send((stage.batch_tokens, stage.max_seq_len, self.run.grad_accum)) if new_stage else next(loader)
-        return [first] + [next(loader) for _ in range(self.run.grad_accum - 1)]
-
-    def apply_yarn(self, step):
-        """Stretch the rotary frequencies when the long window grows at this step."""
-        if step > 0:
-            old, new = self.schedule.stage(step - 1).windows[1], self.schedule.stage(step).windows[1]
-            if new != old:
-                self.model.rotary.yarn(WINDOW_BLOCK * old, WINDOW_BLOCK * new)
-
-    def set_rotary(self, step):
-        """The rotary tables and attention scale as training has them at step."""
-        self.model.rotary.reset()
-        for s in range(1, step + 1):
-            self.apply_yarn(s)
-
-    def capture_graphs(self, log):
-        """One CUDA graph per stage, largest first (the smaller ones reuse its memory), each with the
-        attention scale of its stage; then gradients and loss are zeroed and the rotary reset."""
-        t0 = time.perf_counter()
-        for p in self.model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        graphs = MicroBatchGraphs(self.compiled, self.step_loss)
-        firsts = [first for _, first, _ in reversed(self.schedule.stage_ranges())]
-        batches = [self.first_micro_batch(first) for first in firsts]
-        # emptied before and after the warm-up runs: the caching allocator keeps blocks per stream, so
-        # the warm-up steps' cache, these runs' cache and the graphs' pool would otherwise add up
-        torch.cuda.empty_cache()
-        for first, batch in zip(firsts, batches):
-            graphs.prime(self.schedule.stage(first), batch, self.mtp_weights(first))
-        torch.cuda.empty_cache()
-        for first, batch in zip(firsts, batches):
-            self.set_rotary(first)
-            graphs.capture(self.schedule.stage(first), self.model.rotary.attn_scale, batch, self.mtp_weights(first))
-        self.model.rotary.reset()
-        torch._foreach_zero_([p.grad for p in self.model.parameters()] + [self.step_loss])
-        torch.cuda.synchronize()
-        log(f"CUDA graphs: {len(graphs.graphs)} captured in {time.perf_counter() - t0:.1f}s "
-            f"(GPU memory reserved: {torch.cuda.memory_reserved() / 2**30:.1f} GiB)")
-        return graphs
-
-    @torch.no_grad()
-    def validate(self, windows, val_batches=None):
-        """Mean loss over the validation tokens (or over the given batches), averaged over ranks."""
-        if val_batches is None:
-            val_batches = self.run.val_batches(self.run.hp.val_tokens)
-        total, count = torch.zeros((), device=self.run.device), 0
-        for batch in val_batches:
-            total += run_eval_graph(self.compiled, batch, windows)
-            count += 1
-        if self.run.world_size > 1:
-            dist.all_reduce(total)
-        return total.item() / (count * self.run.world_size)
-
-    def start_compile_workers(self):
-        """One worker process per graph after the main process's first (stage 1's training graph),
-        on this rank's GPU, sharing the machine's CPUs with the other ranks' workers."""
-        stages = {}
-        for _, first, _ in self.schedule.stage_ranges():
-            stages.setdefault(graph_key(self.schedule.stage(first)), self.schedule.stage(first))
-        jobs = [(key, stage) for key, stage in list(stages.items())[1:]] + [("eval", None)]
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.run.world_size)) * (len(jobs) + 1)
-        threads = max(1, (os.cpu_count() or 1) // processes)
-        context = multiprocessing.get_context("spawn")
-        return {key: CompileWorker(context, "the evaluation graph" if stage is None else
-                                   f"the training graph of {stage.batch_tokens:,} tokens/step", threads,
-                                   self.run, stage)
-                for key, stage in jobs}
-
-    @staticmethod
-    def await_worker(workers, key, log):
-        """Wait for the worker compiling this graph, if one does: the main process then loads it from the cache."""
-        if key in workers:
-            worker = workers.pop(key)
-            result = worker.result()
-            if isinstance(result, str):
-                log(f"warm-up: the worker compiling {worker.name} failed ({result}); compiling it here")
-            else:
-                log(f"warm-up: a worker compiled {worker.name} in {result[0]:.1f}s (GPU peak {result[1]:.1f} GiB)")
-
-    def warm_up(self, log, launch_time):
-        """Compile every graph on real batches (a training step and an eval forward at each warm-up
-        step), then restore the initial model, optimizer, rotary and loader: warm-up trains nothing.
-        Meanwhile worker processes compile the later graphs (--parallel_compile)."""
-        initial_model = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        initial_optimizer = self.optimizer.state_dict()
-        marker = warm_cache_marker(self.model.attention_backend, self.run.world_size)
-        warm = os.path.exists(marker)
-        parallel = {"on": True, "off": False, "auto": not warm}[self.run.hp.parallel_compile]
-        log(f"warm-up: {'compile workers' if parallel else 'no compile workers'} (--parallel_compile "
-            f"{self.run.hp.parallel_compile}; {'warm' if warm else 'cold'} caches)")
-        workers = self.start_compile_workers() if parallel else {}
-        try:
-            val_batch = [next(self.run.val_batches(VAL_BATCH_TOKENS))]
-            loader = self.loader()
-            steps = self.schedule.warm_up_steps()
-            for k, step in enumerate(steps, 1):
-                stage = self.schedule.stage(step)
-                what = f"warm-up step {k} of {len(steps)} (step {step}, {stage.name})"
-                log(f"{what}: {time.perf_counter() - launch_time:.0f}s since launch")
-                before = compile_snapshot()
-                with heartbeat(log, what, launch_time):
-                    self.apply_yarn(step)
-                    self.await_worker(workers, graph_key(stage), log)
-                    self.train_step(step, self.micro_batches(loader, step))
-                    self.await_worker(workers, "eval", log)
-                    self.validate(stage.windows, val_batch)
-                    torch.cuda.synchronize()
-                log(f"{what} done in {describe_compile(before, compile_snapshot())}")
-        finally:
-            for worker in workers.values():
-                worker.stop()
-        open(marker, "w").close()
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(initial_model[n])
-                p.grad.zero_()  # in place: CUDA graphs accumulate into these tensors
-        self.optimizer.load_state_dict(initial_optimizer)
-        self.model.rotary.reset()
-        loader.close()
-        if self.run.hp.cuda_graphs:
-            self.graphs = self.capture_graphs(log)
-        log(f"compilation and warm-up: {time.perf_counter() - launch_time:.0f}s from launch")
-        log("Resetting Model")
-
-    def profile(self, log, launch_time, warm_steps=PROFILE_WARM_STEPS, profiled_steps=PROFILE_STEPS):
-        """--profile N: after the warm-up, the launch costs of every stage and the eight-GPU emulation;
-        then stage N's first steps, the last profiled_steps under torch.profiler: a Chrome trace in
-        logs/ and GPU time per step by category."""
-        from torch.profiler import ProfilerActivity, profile
-        self.warm_up(log, launch_time)
-        self.log_launch_costs(log)
-        self.emulate_eight_gpus(log)
-        first = self.schedule.starts[self.run.hp.profile - 1]
-        self.prepare_stage(first, self.optimizer)
-        loader = self.loader(first)
-        batches = [next(loader) for _ in range(self.run.grad_accum)]
-        profiled_first = first + warm_steps
-        warm, profiled = range(first, profiled_first), range(profiled_first, profiled_first + profiled_steps)
-
-        def run(steps):  # as the timed loop in train(): the next batches are built while the GPU computes
-            nonlocal batches
-            for step in steps:
-                self.train_step(step, batches)
-                batches = self.micro_batches(loader, step + 1)
-            torch.cuda.synchronize()
-        run(warm)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run(profiled)
-        loader.close()
-        gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in gpu if not e.is_user_annotation]
-        optimizer = [(e.time_range.start, e.time_range.end) for e in gpu
-                     if e.is_user_annotation and e.name == "optimizer"]
-        span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
-        log(f"profile of {self.schedule.stage(first).name}, steps {profiled[0]}-{profiled[-1]}, rank {self.run.rank}: "
-            "GPU time per step")
-        log(f"{'category':<28}{'ms/step':>9}{'share':>8}{'kernels':>9}")
-        for category, ms, share, count in profile_table(kernels, optimizer, span, profiled_steps):
-            log(f"{category:<28}{ms:>9.1f}{100 * share:>7.1f}%{count:>9.0f}")
-        log(f"{'ms/step':>9}{'launches':>9}{'us each':>9}  largest kernels")
-        for name, ms, count, us in top_kernels(kernels, profiled_steps):
-            log(f"{ms:>9.1f}{count:>9.0f}{us:>9.1f}  {name[:KERNEL_NAME_WIDTH]}")
-        trace = trace_path(self.run.hp.run_id, self.run.rank)
-        prof.export_chrome_trace(trace)
-        log(f"Chrome trace: {trace} (open in https://ui.perfetto.dev)")
-
-    def summarize(self, log, clock, val_loss, wall_seconds):
-        """The run's last lines: what a speedrunner reads first."""
-        log("summary:")
-        log(f"  final val loss {val_loss:.4f} ({target_verdict(val_loss, self.run.hp.val_files)})")
-        log(f"  train time {clock.seconds:.1f} s on the clock; {wall_seconds:.0f} s from launch, warm-up included")
-        log(f"  {'stage':<11}{'steps':>11}{'ms/step':>10}  record #74 on 8xH100, ms/step")
-        for (name, first, end), record_ms in zip(self.schedule.stage_ranges(), RECORD_74_STAGE_MS):
-            log(f"  {name:<11}{f'{first}-{end - 1}':>11}{clock.stage_ms(first, end):>10.1f}  {record_ms}")
-        log(f"  peak memory {torch.cuda.max_memory_allocated() // 2**20:,} MiB allocated, "
-            f"{torch.cuda.max_memory_reserved() // 2**20:,} MiB reserved")
-
-    def first_micro_batch(self, first_step):
-        """This rank's first micro-batch at first_step's shapes, from the first shard."""
-        loader = self.loader(first_step)
-        batch = next(loader)
-        loader.close()
-        return batch
-
-    def prepare_stage(self, first, optimizer):
-        """Rotary and the optimizer's tied embedding as training has them at a stage's first step (the
-        untie itself is not timed)."""
-        self.set_rotary(first)
-        optimizer.tied = first < self.schedule.split_step
-
-    def time_optimizer_step(self, first, optimizer):
-        """time_launch of one optimizer step, the mean of an Adam and a non-Adam step of the stage."""
-        host, gpu = time_launch(lambda: [self.optimizer_step(step, optimizer) for step in (first, first + 1)])
-        return host / 2, gpu / 2
-
-    def log_launch_costs(self, log):
-        """Per stage: host and GPU time of one micro-batch (a graph replay, and the eager launches it
-        replaces), and of an optimizer step (the mean of an Adam and a non-Adam step)."""
-        log("launch costs per stage, ms (host: launching it while a sleep kernel holds the GPU; GPU: CUDA events; "
-            "median of 5):")
-        log(f"{'stage':<11}{'micro-batch host, graph':>25}{'host, eager':>13}{'GPU':>9}{'optimizer host':>16}"
-            f"{'GPU':>9}")
-        for name, first, _ in self.schedule.stage_ranges():
-            self.prepare_stage(first, self.optimizer)
-            batch = self.first_micro_batch(first)
-            replay = f"{time_launch(lambda: self.accumulate_gradients(first, [batch]))[0]:.2f}" if self.graphs else "-"
-            eager = time_launch(lambda: self.accumulate_gradients(first, [batch], use_graphs=False))
-            optimizer = self.time_optimizer_step(first, self.optimizer)
-            log(f"{name:<11}{replay:>25}{eager[0]:>13.2f}{eager[1]:>9.2f}{optimizer[0]:>16.2f}{optimizer[1]:>9.2f}")
-
-    def emulate_eight_gpus(self, log, warm_steps=2, timed_steps=10):
-        """What one rank of an 8-GPU run spends per step, on this GPU: one micro-batch per step, the
-        optimizer on a 1/8 shard (rank 0's), no communication. Its budget: the micro-batch's GPU time in
-        the same steps (CUDA events around it; the GPU's clock drops under load, so a time taken apart
-        would be too low), the optimizer step's GPU time taken apart (free of launch gaps) and 1 ms. A
-        step stays within it only if the host keeps ahead of the GPU."""
-        optimizer = self.new_optimizer(0, 8, communicate=False)
-        stage_ms = {}
-        log(f"EIGHT-GPU EMULATION on this one GPU (one rank's work: one micro-batch per step, the optimizer on a "
-            f"1/8 shard, no communication), ms; mean of {timed_steps} steps, timed as training is:")
-        log(f"{'stage':<11}{'ms/step':>9}{'budget':>9}{'micro-batch GPU':>17}{'optimizer host':>16}{'GPU':>9}")
-        for name, first, end in self.schedule.stage_ranges():
-            self.prepare_stage(first, optimizer)
-            batch = self.first_micro_batch(first)
-            steps = [first + i % (end - first) for i in range(warm_steps + timed_steps)]
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(timed_steps)]
-            for s in steps[:warm_steps]:  # compiles the optimizer's graphs for the 1/8 shapes
-                self.accumulate_gradients(s, [batch])
-                self.optimizer_step(s, optimizer)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for s, (start, end_of_micro_batch) in zip(steps[warm_steps:], events):
-                start.record()
-                self.accumulate_gradients(s, [batch])
-                end_of_micro_batch.record()
-                self.optimizer_step(s, optimizer)
-            torch.cuda.synchronize()
-            ms = 1000 * (time.perf_counter() - t0) / timed_steps
-            micro = sum(a.elapsed_time(b) for a, b in events) / timed_steps
-            opt_host, opt_gpu = self.time_optimizer_step(first, optimizer)
-            budget = micro + opt_gpu + 1
-            log(f"{name:<11}{ms:>9.2f}{budget:>9.2f}{micro:>17.2f}{opt_host:>16.2f}{opt_gpu:>9.2f}")
-            stage_ms[self.schedule.stage_index(first)] = ms
-        log(projected_record_time(stage_ms))
-
-    def train(self, log, launch_time):
-        self.warm_up(log, launch_time)
-        schedule, hp = self.schedule, self.run.hp
-        loader = self.loader()
-        graphs_after_warm_up = counters["stats"]["unique_graphs"]
-        # step_loss is LOSS_SCALE times the sum of this rank's micro-batches' losses, each the sum over its
-        # tokens of the multi-token losses: per token, the MTP weights' weighted mean of the losses
-        loss_divisors = [LOSS_SCALE * self.run.grad_accum * schedule.stage(step).batch_tokens / SLOTS_PER_STEP
-                         * sum(schedule.mtp_weights(step)) for step in range(schedule.total)]
-        clock = TrainingClock(schedule, loss_divisors, log, f"Lower the learning rates (--adam_lr {hp.adam_lr}, "
-                                                            f"--muon_lr {hp.muon_lr}) or check the data.")
-
-        def launch_step(step, batches):
-            self.apply_yarn(step)
-            self.train_step(step, batches)
-            return self.step_loss
-        val_loss = timed_loop(schedule, hp.val_loss_every, clock, functools.partial(self.micro_batches, loader),
-                              launch_step, self.validate, log)
-        if counters["stats"]["unique_graphs"] > graphs_after_warm_up:
-            log(f"warning: {counters['stats']['unique_graphs'] - graphs_after_warm_up} graph(s) compiled after the "
-                "warm-up: the step times include their compilation (Schedule.warm_up_steps misses a path)")
-        self.summarize(log, clock, val_loss, time.perf_counter() - launch_time)
-        if self.run.hp.save_checkpoint:
-            path = checkpoint_path(self.run.hp.run_id, self.run.rank)
-            save_whole({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, path)
-            log(f"saved {path} (and one per rank)")
+def summarize(log, run, clock, val_loss, wall_seconds):
+    """The run's last lines: what a speedrunner reads first."""
+    log("summary:")
+    log(f"  final val loss {val_loss:.4f} ({target_verdict(val_loss, run.val_files[0])})")
+    log(f"  train time {clock.seconds:.1f} s on the clock; {wall_seconds:.0f} s from launch, warm-up included")
+    log(f"  {'stage':<11}{'steps':>11}{'ms/step':>10}  record #74 on 8xH100, ms/step")
+    for (name, first, end), record_ms in zip(run.schedule.stage_ranges(), RECORD_74_STAGE_MS):
+        log(f"  {name:<11}{f'{first}-{end - 1}':>11}{clock.stage_ms(first, end):>10.1f}  {record_ms}")
+    log(f"  peak memory {torch.cuda.max_memory_allocated() // 2**20:,} MiB allocated, "
+        f"{torch.cuda.max_memory_reserved() // 2**20:,} MiB reserved")
 
 
 def main(argv=None):
     launch_time = time.perf_counter()
-    check_torch_version(torch.__version__)
-    configure_torch()
-    hp, check = parse_args(sys.argv[1:] if argv is None else argv)
-    rank, world_size, local_rank = launch_environment()
-    check_world_size(world_size)
-    check_arguments(hp, world_size)
-    if check:  # a GPU run learns it from attention_backend, after the GPU is chosen (no import before that)
-        check_fa4_installed(hp.attention)
-    drawn_run_id = not hp.run_id
-    hp.run_id = hp.run_id or str(uuid.uuid4())
-    check_outputs(hp, world_size)
-    notes = launch_notes(world_size, check)
-    if check == "arguments":
-        if rank == 0:
-            print_lines([f"arguments checked for world size {world_size}", *notes])
+    prepared = prepare(*parse_args(sys.argv[1:] if argv is None else argv))
+    if prepared is None:
         return
-    t0 = time.perf_counter()
-    plan = preflight(Run(hp, world_size, rank))
-    plan.append(f"pre-flight checks passed in {time.perf_counter() - t0:.1f}s")
-    if check:
-        if rank == 0:
-            print_lines(plan + notes)
-        return
-    if not re.fullmatch(r"[1-9][0-9]*", os.environ.get("OMP_NUM_THREADS", "").strip()):
-        # Unset (or unreadable: OpenMP has said so and ignored it), one thread, as torchrun sets, so a plain
-        # run's host data path matches a torchrun one: copies above 32768 elements (stage 3's micro-batches)
-        # would otherwise go to an OpenMP pool of every core.
-        torch.set_num_threads(1)
-    if not torch.cuda.is_available():
-        raise UsageError("no CUDA GPU found: this script trains on NVIDIA GPUs (H100 / H200); "
-                         "--check validates the data without one")
-    if local_rank >= torch.cuda.device_count():
-        raise UsageError(f"LOCAL_RANK={local_rank}, but this machine has {torch.cuda.device_count()} GPU(s) in "
-                         "view (CUDA_VISIBLE_DEVICES): start at most that many processes per machine")
-    device = torch.device("cuda", local_rank)
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise UsageError(f"{torch.cuda.get_device_name(device)} is sm{major}{minor}: the kernels need sm90 or newer "
-                         "(Hopper: H100 / H200), for TMA descriptors and FP8 matrix products")
-    torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl", device_id=device)
-        if drawn_run_id:  # every rank drew its own: all take rank 0's, which names the log
-            run_ids = [hp.run_id]
-            dist.broadcast_object_list(run_ids, src=0)
-            hp.run_id = run_ids[0]
-    log = Logger(hp.run_id, rank == 0)
-    log.header()
-    run = Run(hp, world_size, rank, device)
-    log(f"world size {world_size}, gradient accumulation {run.grad_accum}, {hp}")
-    for line in plan:
-        log(line)
-    try:
+    run, plan = prepared
+    with session(run, plan) as log:
         trainer = Trainer(run)
         log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
-        (trainer.profile if hp.profile else trainer.train)(log, launch_time)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        warm_up(trainer, log, launch_time)
+        train(trainer, log, launch_time)
 
 
 def print_lines(lines):
@@ -3319,7 +3161,7 @@ def is_secondary_rank():
     return "TORCHELASTIC_RUN_ID" in os.environ and re.fullmatch(r"[0-9]+", rank) is not None and int(rank) > 0
 
 
-def command_line():
+def command_line(main=main):
     """main, with every error a user can cause as one line on stderr."""
     try:
         main()

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import profile_gpt
 import train_gpt as tg
 from conftest import replaced
 
@@ -569,8 +570,8 @@ def test_heartbeat_logs_while_the_body_runs():
 
 
 def test_the_target_is_judged_on_fineweb_only(small_data, tmp_path):
-    val_pattern = small_data[small_data.index("--val_files") + 1]
-    assert tg.target_verdict(0.99, val_pattern) == "synthetic data: no target"
+    val_file = tg.shard_files(small_data[small_data.index("--val_files") + 1])[0]
+    assert tg.target_verdict(0.99, val_file) == "synthetic data: no target"
     fineweb = tmp_path / "fineweb_val_000000.bin"  # a shard with FineWeb's header: word 3 is 0
     header = np.zeros(tg.HEADER_WORDS, dtype="<i4")
     header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, 3
@@ -644,8 +645,6 @@ def test_help_describes_every_flag(capsys):
     (["--run_id", "a/b"], 1, "--run_id names a file in logs/: letters, digits, '.', '_' and '-' only, not 'a/b'"),
     (["--run_id", ".."], 1, "--run_id names a file in logs/"),
     (["--run_id", "x" * 201], 1, "--run_id names files in logs/: at most 200 characters, not 201"),
-    (["--profile", "1", "--save_checkpoint"], 1, "--save_checkpoint saves the model at the end of training, and "
-                                                 "--profile does not train"),
 ])
 def test_bad_arguments(argv, world_size, message):
     hp, _ = tg.parse_args(argv)
@@ -882,7 +881,7 @@ def test_check_with_the_standard_output_closed_is_one_line(small_data, tmp_path)
 def test_ctrl_c_is_one_line(small_data, tmp_path):
     """Ctrl-C during the pre-flight (here: as it starts) ends in one line and exit code 130."""
     program = ("import os, signal, time, train_gpt\n"
-               "train_gpt.preflight = lambda run: (os.kill(os.getpid(), signal.SIGINT), time.sleep(10))\n"
+               "train_gpt.preflight = lambda *_: (os.kill(os.getpid(), signal.SIGINT), time.sleep(10))\n"
                "train_gpt.command_line()")
     out = run_script(small_data + ["--check"], tmp_path, program=program)
     assert out.returncode == 130 and out.stderr == "error: interrupted\n", out.stderr
@@ -963,12 +962,38 @@ def test_an_old_torch_is_refused_in_one_line(small_data, tmp_path):
     assert len(out.stderr.splitlines()) == 1, out.stderr
 
 
-def test_profile_needs_a_stage_with_six_steps():
-    with pytest.raises(tg.UsageError, match=r"^--profile takes a stage, 1 to 3 \(or 0 to train\), not 4$"):
-        tg.check_arguments(tg.parse_args(["--profile", "4"])[0], 1)
-    with pytest.raises(tg.UsageError, match=r"^--profile 2 runs 6 steps of stage 2, which has 5 here: raise "):
-        tg.check_arguments(tg.parse_args(["--profile", "2", "--num_scheduled_iterations", "15"])[0], 1)
-    tg.check_arguments(tg.parse_args(["--profile", "3", "--num_scheduled_iterations", "18"])[0], 1)
+def test_profile_needs_a_stage_with_six_steps(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tg.UsageError, match=r"^argument --stage: invalid choice: 4 \(choose from 1, 2, 3\) "
+                                            r"\(python profile_gpt.py --help lists the flags\)$"):
+        profile_gpt.main(["--stage", "4"])
+    with pytest.raises(tg.UsageError, match=r"^--stage 2 runs 6 steps of stage 2, which has 5 here: raise "):
+        profile_gpt.main(replaced(small_data, "--num_scheduled_iterations", "15") + ["--stage", "2", "--check",
+                                                                                     "arguments"])
+    profile_gpt.main(replaced(small_data, "--num_scheduled_iterations", "18") + ["--stage", "3", "--check", "arguments"])
+    assert capsys.readouterr().out == "arguments checked for world size 1\n"
+
+
+def test_profile_refuses_what_it_cannot_do(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tg.UsageError, match="^--save_checkpoint saves the model at the end of training, and "
+                                            "profile_gpt.py does not train: drop it$"):
+        profile_gpt.main(small_data + ["--stage", "1", "--save_checkpoint"])
+    with pytest.raises(tg.UsageError, match="^--stage is given twice: give each flag once$"):
+        profile_gpt.main(small_data + ["--stage", "1", "--stage", "2"])
+    with pytest.raises(tg.UsageError, match="^the following arguments are required: --stage"):
+        profile_gpt.main(small_data)
+    with pytest.raises(tg.UsageError, match=r"^unrecognized arguments: --stages 1 \(python train_gpt.py --help"):
+        profile_gpt.main(small_data + ["--stage", "1", "--stages", "1"])
+
+
+def test_profile_checks_its_trace_files(small_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "p_rank0_trace.json").write_text("{}")
+    with pytest.raises(tg.UsageError, match=r"^logs/p_rank0_trace.json exists \(an earlier run's"):
+        profile_gpt.main(replaced(small_data, "--num_scheduled_iterations", "18") + ["--stage", "1", "--run_id", "p",
+                                                                                     "--check", "arguments"])
 
 
 def test_kernel_categories():
@@ -991,31 +1016,30 @@ def test_kernel_categories():
              ("void at::native::bitonicSortKVInPlace", False, "embedding gradients"),
              ("void at::native::reduce_kernel", False, "eager PyTorch kernels"),
              ("void cudnn::bn_fw_tr_1C11_kernel", False, "other")]
-    assert [tg.kernel_category(name, in_optimizer) for name, in_optimizer, _ in cases] == [c[2] for c in cases]
+    assert [profile_gpt.kernel_category(name, in_optimizer) for name, in_optimizer, _ in cases] == [c[2] for c in cases]
 
 
-def test_preflight_plans_the_profiles_prefetch_at_the_next_stage_when_the_stage_ends():
-    """--profile 2 on a stage of exactly six steps: after the last, Trainer.profile prefetches the first
+def test_the_profile_plans_its_prefetch_at_the_next_stage_when_the_stage_ends():
+    """--stage 2 on a stage of exactly six steps: after the last, profile_stage prefetches the first
     micro-batches of stage 3, at stage 3's larger shapes, and the pre-flight walks that draw as such."""
-    hp = tg.parse_args(["--profile", "2", "--num_scheduled_iterations", "18"])[0]
-    what, stages = tg.other_draws(hp, tg.Schedule(18, 0))[-1]
-    assert what == " of --profile 2"
+    what, stages = profile_gpt.stage_draws(2, tg.Schedule(18, 0))[-1]
+    assert what == " of the profile of stage 2"
     assert [stage.name for stage in stages] == ["stage 2"] * 6 + ["stage 3"]
 
 
 def test_projected_record_time_sums_the_record_schedule():
     # the record's stages have 483, 484, 483 and 40 steps
-    line = tg.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0, 3: 61.0})
+    line = profile_gpt.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0, 3: 61.0})
     assert "60.4 s before communication" in line and "88.8 s" in line and "73.8 s" in line
     # a run without an extension: the extension at stage 3's rate
-    assert "60.4 s" in tg.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0})
-    assert "66.8 s" in tg.projected_record_time({0: 30.0, 1: 40.0, 2: 60.0, 3: 100.0})
+    assert "60.4 s" in profile_gpt.projected_record_time({0: 20.0, 1: 40.0, 2: 60.0})
+    assert "66.8 s" in profile_gpt.projected_record_time({0: 30.0, 1: 40.0, 2: 60.0, 3: 100.0})
 
 
 def test_profile_table_counts_overlaps_once_and_the_idle_time():
     kernels = [("nvjet_tst_NNN", 0, 400), ("triton_poi_fused_0", 300, 500),  # two streams overlap by 100
                ("_softcap_ce_kernel", 600, 700), ("triton_poi_fused_lerp", 800, 1000)]
-    rows = {row[0]: row[1:] for row in tg.profile_table(kernels, [(790, 1000)], span=1000, steps=2)}
+    rows = {row[0]: row[1:] for row in profile_gpt.profile_table(kernels, [(790, 1000)], span=1000, steps=2)}
     assert rows["bf16 GEMMs"] == (0.2, 0.4, 0.5) and rows["Inductor kernels"] == (0.1, 0.2, 0.5)
     assert rows["optimizer"] == (0.1, 0.2, 0.5) and rows["cross-entropy kernels"] == (0.05, 0.1, 0.5)
     assert rows["idle (no kernel running)"] == (0.1, 0.2, 0) and rows["step"] == (0.5, 1.0, 2)
@@ -1024,7 +1048,7 @@ def test_profile_table_counts_overlaps_once_and_the_idle_time():
 def test_top_kernels_sum_each_name_per_step():
     kernels = [("nvjet_tst_NNN", 0, 400), ("triton_red_fused_1", 400, 460), ("triton_red_fused_1", 500, 540),
                ("nvjet_tst_NNN", 600, 1000), ("triton_poi_fused_0", 1000, 1010)]
-    assert tg.top_kernels(kernels, steps=2, n=2) == [("nvjet_tst_NNN", 0.4, 1.0, 400.0),
+    assert profile_gpt.top_kernels(kernels, steps=2, n=2) == [("nvjet_tst_NNN", 0.4, 1.0, 400.0),
                                                      ("triton_red_fused_1", 0.05, 1.0, 50.0)]
 
 
@@ -1092,7 +1116,8 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
 
 NORM_BACKWARD_PROBE = """if True:
     import json, re, sys, torch
-    import train_gpt as tg
+    import profile_gpt
+import train_gpt as tg
     from train_test import fineweb_like_batch
     from torch._inductor.utils import run_and_get_code
     if sys.argv[1] == "configured":

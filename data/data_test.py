@@ -344,8 +344,9 @@ def test_preflight_walks_the_validation_windows(small_run, tmp_path):
     message = r"fineweb_val_000000.bin: a micro-batch of 262144 tokens holds 874 documents, more than the 767"
     with pytest.raises(tg.DataError, match=message):
         preflight(small_run)
+    files = tg.validation_files(small_run[3], tg.VAL_BATCH_TOKENS)
     with pytest.raises(tg.DataError, match=message):  # what the first validation would meet
-        next(tg.validation_batches(small_run[3], tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
+        next(tg.validation_batches(files, tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
 
 
 def test_validation_names_the_file_of_a_window_with_too_many_documents(small_run, tmp_path):
@@ -359,8 +360,9 @@ def test_validation_names_the_file_of_a_window_with_too_many_documents(small_run
     message = r"fineweb_val_000001.bin: a micro-batch of 262144 tokens holds 874 documents"
     with pytest.raises(tg.DataError, match=message):
         preflight(small_run)
+    files = tg.validation_files(small_run[3], tg.VAL_BATCH_TOKENS)
     with pytest.raises(tg.DataError, match=message):
-        list(tg.validation_batches(small_run[3], tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
+        list(tg.validation_batches(files, tg.VAL_BATCH_TOKENS, tg.VAL_LOCAL_TOKENS, 8, device="cpu"))
 
 
 def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_run, tmp_path):
@@ -396,8 +398,9 @@ def test_validation_reads_only_the_files_it_needs(tmp_path):
     write_documents(tmp_path / "fineweb_val_000000.bin", 0, [257] * 32 + [1])
     (tmp_path / "fineweb_val_000001.bin").write_bytes(b"not a shard")
     pattern = str(tmp_path / "fineweb_val_*.bin")
-    assert tg.validation_files(pattern, 8 * 1024) == [str(tmp_path / "fineweb_val_000000.bin")]
-    assert len(list(tg.validation_batches(pattern, 8 * 1024, 1024, 8, device="cpu"))) == 8
+    files = tg.validation_files(pattern, 8 * 1024)
+    assert files == [str(tmp_path / "fineweb_val_000000.bin")]
+    assert len(list(tg.validation_batches(files, 8 * 1024, 1024, 8, device="cpu"))) == 8
     with pytest.raises(tg.DataError, match=r"fineweb_val_000001.bin is too short to be a token shard \(11 bytes"):
         tg.validation_files(pattern, 16 * 1024)
 
@@ -445,8 +448,9 @@ def test_validation_windows(tmp_path, world_size):
     tokens[rng.choice(40000, 90, replace=False)] = BOS
     synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
     local, val_tokens, grad_accum = 1024, 2 * 8 * 1024, 8 // world_size
-    gens = [tg.validation_batches(str(tmp_path / "fineweb_val_*.bin"), val_tokens, local, grad_accum, rank,
-                                  world_size, device="cpu") for rank in range(world_size)]
+    files = tg.validation_files(str(tmp_path / "fineweb_val_*.bin"), val_tokens)
+    gens = [tg.validation_batches(files, val_tokens, local, grad_accum, rank, world_size, device="cpu")
+            for rank in range(world_size)]
     for step in range(2):
         for micro in range(grad_accum):
             for rank, gen in enumerate(gens):
@@ -463,7 +467,7 @@ def test_validation_windows(tmp_path, world_size):
 def test_validation_needs_enough_tokens(tmp_path):
     synthetic.write_shard(tmp_path / "fineweb_val_000000.bin", np.full(8 * 1024, BOS, dtype=np.uint16))
     with pytest.raises(tg.DataError, match=r"fewer than the 8,192 \+ 1.*--val_tokens"):
-        next(tg.validation_batches(str(tmp_path / "*.bin"), 8 * 1024, 1024, 8, device="cpu"))
+        tg.validation_files(str(tmp_path / "*.bin"), 8 * 1024)
 
 
 # --- bigram hash ---------------------------------------------------------------------------------
@@ -525,7 +529,8 @@ def test_synthetic_cli_output_feeds_the_loader(tmp_path):
     for _ in range(40):  # crosses into the second shard
         inputs, targets, cu = next(gen)[:3]
         assert inputs[0] == BOS and (inputs[cu[:-1][cu[:-1] < inputs.numel()].long()] == BOS).all()
-    val = list(tg.validation_batches(str(tmp_path / "fineweb_val_*.bin"), 2 * 8 * 1024, 1024, 8, device="cpu"))
+    val_files = tg.validation_files(str(tmp_path / "fineweb_val_*.bin"), 2 * 8 * 1024)
+    val = list(tg.validation_batches(val_files, 2 * 8 * 1024, 1024, 8, device="cpu"))
     assert len(val) == 16
 
 
