@@ -2795,12 +2795,14 @@ def await_worker(workers, key, log):
 
 def warm_cache_marker(attention, world_size):
     """A file in Inductor's cache folder named by what the compiled graphs depend on (this script, the
-    libraries, the GPU, the attention backend, the world size), written after a warm-up. Where it
-    exists the caches hold this run's graphs, and compile workers would only slow the start."""
+    name it runs under, the libraries, the GPU, the attention backend, the world size), written after a
+    warm-up. Where it exists the caches hold this run's graphs, and compile workers would only slow the
+    start. The name: a graph traced from __main__ (python train_gpt.py) and one traced from the module
+    train_gpt (profile_gpt.py) have different cache keys."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     with open(__file__, "rb") as f:
         key = hashlib.sha256(f.read())
-    key.update(f"{torch.__version__} {triton.__version__} {torch.cuda.get_device_name()} "
+    key.update(f"{__name__} {torch.__version__} {triton.__version__} {torch.cuda.get_device_name()} "
                f"{describe_attention_backend(attention)} {world_size}".encode())
     return os.path.join(cache_dir(), f"speedrun_warm_{key.hexdigest()[:16]}")
 

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import os
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -1050,6 +1051,14 @@ def test_top_kernels_sum_each_name_per_step():
                ("nvjet_tst_NNN", 600, 1000), ("triton_poi_fused_0", 1000, 1010)]
     assert profile_gpt.top_kernels(kernels, steps=2, n=2) == [("nvjet_tst_NNN", 0.4, 1.0, 400.0),
                                                      ("triton_red_fused_1", 0.05, 1.0, 50.0)]
+
+
+def test_the_warm_cache_marker_tells_a_runs_graphs_from_the_profilers(monkeypatch):
+    """python train_gpt.py traces its graphs in __main__, profile_gpt.py in the module train_gpt: their
+    cache entries differ, so caches warmed by one are cold for the other."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    as_main = runpy.run_path(tg.__file__, run_name="__main_but_not_run__")["warm_cache_marker"]
+    assert as_main("torch", 1) != tg.warm_cache_marker("torch", 1) == tg.warm_cache_marker("torch", 1)
 
 
 def test_describe_compile_splits_a_compile():
