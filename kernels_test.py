@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 import train_gpt as tg  # noqa: E402
 
@@ -289,27 +288,24 @@ def random_logits_and_targets(rows, vocab, distinct_targets=None):
     return logits, targets
 
 
-@pytest.mark.parametrize("weights", MTP_WEIGHTS)
-def test_softcap_ce_losses(weights):
-    logits, targets = random_logits_and_targets(CE_ROWS, VOCAB)
-    w = torch.tensor(weights, device=DEVICE)
-    losses = tg.softcap_ce(logits, targets, w)
-    ref = reference_mtp_losses(logits, targets, weights)
-    assert rel_err(losses, ref) < 1e-5
-    assert losses[-len(weights):].abs().min() > 0  # the last rows, short of targets ahead, still get a loss
+@needs_gpu
+def test_compiled_eval_loss_at_a_validation_micro_batch():
+    """Evaluation's loss as the model computes it (plain PyTorch, Inductor-compiled, in row chunks) at a
+    validation micro-batch against fp64 of the same bf16 logits: the reported number is exact to fp32."""
+    x, lm_head = randn(tg.VAL_LOCAL_TOKENS, 768, scale=0.5), randn(768, VOCAB, scale=0.1)
+    targets = torch.randint(0, VOCAB, (tg.VAL_LOCAL_TOKENS,), device=DEVICE)
+    with torch.no_grad():
+        loss = torch.compile(tg.eval_loss, fullgraph=True, dynamic=False)(x, lm_head, targets)
+        one = torch.ones(1, dtype=torch.float64, device=DEVICE)
+        ref = torch.cat([tg.reference_mtp_losses((x[r:r + 8192] @ lm_head).double(), targets[r:r + 8192], one)
+                         for r in range(0, x.size(0), 8192)]).mean()
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
 
 
 def every_bf16_logit():
     """Every finite bf16 value, in order."""
     logits = torch.arange(-2 ** 15, 2 ** 15, device=DEVICE, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     return logits[torch.isfinite(logits)]
-
-
-@triton.jit
-def _sigmoids_kernel(logits_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    logits = tl.load(logits_ptr + offsets, mask=offsets < n).to(tl.float32)
-    tl.store(out_ptr + offsets, tg._softcap_sigmoid(logits, tg.SOFTCAP_SHIFT, tg.SOFTCAP_DIVISOR), mask=offsets < n)
 
 
 CUDA_SIGMOIDS = r"""
@@ -320,15 +316,6 @@ extern "C" __global__ void sigmoids(const unsigned short* logits, float* out, in
 """
 needs_nvrtc = pytest.mark.skipif(not GPU,
                                  reason="the training loss's kernel is CUDA C++ compiled by NVRTC: needs a GPU")
-
-
-def test_sigmoid_error_on_every_bf16_logit():
-    """Evaluation's sigmoid (Triton) against fp64 on every finite bf16 value."""
-    logits = every_bf16_logit()
-    out = poisoned(logits.numel(), dtype=torch.float32)
-    _sigmoids_kernel[(triton.cdiv(logits.numel(), 1024),)](logits, out, logits.numel(), BLOCK=1024)
-    ref = torch.sigmoid((logits.double() + tg.SOFTCAP_SHIFT) / tg.SOFTCAP_DIVISOR)
-    assert (out.double() - ref).abs().max().item() < 1e-6
 
 
 @needs_nvrtc
@@ -630,7 +617,6 @@ def _sweep_rows():
     one = torch.ones((), device="cuda")
     x_f8, w_f8 = x.to(torch.float8_e4m3fn), w_head.to(torch.float8_e4m3fn)
     pieces = {
-        "CE kernel (Triton, evaluation's), loss only": lambda: tg.softcap_ce(logits, targets, mtp),
         "CE kernel (CUDA, training's), loss + gradient": lambda: tg.softcap_ce_with_grad(logits, targets, mtp, 100.0),
         "e4m3 logits matmul": lambda: torch._scaled_mm(x_f8, tg.transposed(w_f8).mT, scale_a=one, scale_b=one,
                                                        out_dtype=torch.bfloat16, use_fast_accum=True),
@@ -649,7 +635,6 @@ def _sweep_rows():
                 dict(threads=512, unroll=1), dict(threads=512, unroll=8)):  # the default first
         rows.append((f"CE kernel (CUDA), loss + gradient, 49152 rows {cfg}",
                      _median_us(lambda: tg.softcap_ce_with_grad(logits, targets, mtp, 100.0, **cfg))))
-    rows.append(("CE kernel (Triton), loss only, 49152 rows", _median_us(lambda: tg.softcap_ce(logits, targets, mtp))))
     return rows
 
 

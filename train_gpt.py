@@ -655,58 +655,16 @@ SOFTCAP, SOFTCAP_SHIFT, SOFTCAP_DIVISOR = 23.0, 5.0, 7.5
 X_SCALE, W_SCALE, GRAD_SCALE = 100 / 448, 1.6 / 448, 0.75 / 448
 
 
-@triton.jit
-def _softcap_sigmoid(logits, SHIFT: tl.constexpr, DIVISOR: tl.constexpr):
-    """sigmoid((logits + SHIFT) / DIVISOR): an exp2 and an approximate reciprocal (IEEE division would
-    cost several instructions more in a kernel bound by special-function throughput)."""
-    u = (logits + SHIFT) * (1.0 / DIVISOR)
-    return tl.fdiv(1.0, 1.0 + tl.exp2(u * -1.4426950408889634), ieee_rounding=False)
-
-
-@triton.jit
-def _softcap_ce_kernel(logits_ptr, targets_ptr, weights_ptr, loss_ptr, n_rows, n_cols, stride_row,
-                       SOFTCAP: tl.constexpr, SHIFT: tl.constexpr, DIVISOR: tl.constexpr,
-                       NUM_PREDICTIONS: tl.constexpr, PREDICTIONS_P2: tl.constexpr, BLOCK_V: tl.constexpr):
-    # One program per row: logsumexp, then the row's loss.
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    k = tl.arange(0, PREDICTIONS_P2)
-    valid = (k < NUM_PREDICTIONS) & (row + k < n_rows)
-    targets = tl.load(targets_ptr + row + k, mask=valid, other=-1)
-    weights = tl.load(weights_ptr + k, mask=valid, other=0.0).to(tl.float32)
-    sum_exp = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        logits = tl.load(row_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        sum_exp += tl.where(cols < n_cols, tl.exp(SOFTCAP * _softcap_sigmoid(logits, SHIFT, DIVISOR)), 0.0)
-    lse = tl.log(tl.sum(sum_exp, axis=0))
-    target_sig = _softcap_sigmoid(tl.load(row_ptr + targets, mask=valid, other=0.0).to(tl.float32), SHIFT, DIVISOR)
-    tl.store(loss_ptr + row, tl.sum(tl.where(valid, weights * (lse - SOFTCAP * target_sig), 0.0), axis=0))
-
-
-def softcap_ce(logits, targets, mtp_weights):
-    """Per-row MTP losses (fp32) of the softcapped logits: evaluation's (the training loss writes its
-    gradient too: softcap_ce_with_grad)."""
-    n_rows, n_cols = logits.shape
-    n = mtp_weights.numel()
-    losses = logits.new_empty(n_rows, dtype=torch.float32)
-    _softcap_ce_kernel[(n_rows,)](
-        logits, targets, mtp_weights, losses, n_rows, n_cols, logits.stride(0), SOFTCAP=SOFTCAP, SHIFT=SOFTCAP_SHIFT,
-        DIVISOR=SOFTCAP_DIVISOR, NUM_PREDICTIONS=n, PREDICTIONS_P2=triton.next_power_of_2(n), BLOCK_V=1024,
-        num_warps=4)
-    return losses
-
-
-# The training loss's kernel is CUDA C++, compiled at the first call by NVRTC (PyTorch's CUDA builds
-# ship it; no CUDA toolkit needed). A block per row copies the row's bf16 logits into shared memory
-# (100 KB) as it sums their exponentials, then writes the e5m2 gradient from there: the logits are
-# read from memory once, not twice as a Triton kernel must (Triton cannot place a row in shared
-# memory, and one held in registers spills: docs/performance.md). Per element it computes what
-# reference_mtp_losses does, with the sigmoid as 0.5 + 0.5 tanh.approx(u / 2) (within 4e-6 of the
-# exact one over every bf16 logit, far below the logits' own rounding). Then the row's few target
-# columns are rewritten with their one-hot terms. 512 threads and two blocks per SM: 3.13 ms against
-# the Triton kernel's 4.16 at a stage-3 micro-batch on one H100 (docs/performance.md; kernels_test.py
-# --bench --sweep times its launch settings).
+# The training loss's kernel (evaluation's loss is plain PyTorch, eval_loss) is CUDA C++, compiled
+# at the first call by NVRTC (PyTorch's CUDA builds ship it; no CUDA toolkit needed). A block per
+# row copies the row's bf16 logits into shared memory (100 KB) as it sums their exponentials, then
+# writes the e5m2 gradient from there: the logits are read from memory once, not twice as a Triton
+# kernel must (Triton cannot place a row in shared memory, and one held in registers spills:
+# docs/performance.md). Per element it computes what reference_mtp_losses does, with the sigmoid as
+# 0.5 + 0.5 tanh.approx(u / 2) (within 4e-6 of the exact one over every bf16 logit, far below the
+# logits' own rounding). Then the row's few target columns are rewritten with their one-hot terms.
+# 512 threads and two blocks per SM: 3.13 ms against a Triton kernel's 4.16 at a stage-3 micro-batch
+# on one H100 (docs/performance.md; kernels_test.py --bench --sweep times its launch settings).
 # Upstream's record #79 (2026-04-04) first moved this kernel to NVRTC-compiled CUDA.
 SOFTCAP_CE_SOURCE = r"""
 #define VECTORS (VOCAB / 8)  // of 8 bf16, 16 bytes
@@ -1295,14 +1253,11 @@ def training_loss(x, lm_head, targets, mtp_weights):
 
 
 def eval_loss(x, lm_head, targets, chunk_rows=32768):
-    """Mean softcapped cross-entropy of bf16 logits, fp32 math, in row chunks to bound memory."""
+    """Mean softcapped cross-entropy of bf16 logits in exact fp32 math (the reported loss: no approximate
+    sigmoid; Inductor fuses it into a few passes over each chunk), in row chunks to bound memory."""
     one = torch.ones(1, device=x.device)
-    losses = []
-    for rows in range(0, x.size(0), chunk_rows):
-        logits, chunk_targets = x[rows:rows + chunk_rows] @ lm_head, targets[rows:rows + chunk_rows]
-        losses.append(softcap_ce(logits, chunk_targets, one) if x.is_cuda
-                      else reference_mtp_losses(logits, chunk_targets, one))
-    return torch.cat(losses).mean()
+    return torch.cat([reference_mtp_losses(x[rows:rows + chunk_rows] @ lm_head, targets[rows:rows + chunk_rows], one)
+                      for rows in range(0, x.size(0), chunk_rows)]).mean()
 
 
 class GPT(nn.Module):
