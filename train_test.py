@@ -988,6 +988,16 @@ def test_profile_refuses_what_it_cannot_do(small_data, tmp_path, monkeypatch):
         profile_gpt.main(small_data + ["--stage", "1", "--stages", "1"])
 
 
+def test_profile_help_and_errors_from_the_command_line(small_data, tmp_path):
+    profiler = os.path.join(ROOT, "profile_gpt.py")
+    out = subprocess.run([sys.executable, profiler, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "--stage {1,2,3}" in out.stdout and "python train_gpt.py --help" in out.stdout
+    out = subprocess.run([sys.executable, profiler, *small_data, "--stage", "1"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr == ("error: --stage 1 runs 6 steps of stage 1, which has 1 here: raise "
+                                                  "--num_scheduled_iterations\n"), out.stderr
+
+
 def test_profile_checks_its_trace_files(small_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "logs").mkdir()
