@@ -2504,19 +2504,6 @@ def session(run, plan):
             dist.destroy_process_group()
 
 
-def save_whole(state, path):
-    """torch.save into a temporary name, renamed once whole: a failed save leaves nothing behind."""
-    partial = f"{path}.partial"
-    try:
-        torch.save(state, partial)
-        os.replace(partial, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its stream's RuntimeError
-        if os.path.exists(partial):
-            os.remove(partial)
-        reason = e.strerror if isinstance(e, OSError) else "the write failed"
-        raise UsageError(f"cannot save {path} ({reason}): free space on its disk") from None
-
-
 def graph_key(stage):
     """Stages of equal shapes share a compiled training graph (stage 3 and the extension do)."""
     return stage.batch_tokens, stage.max_seq_len, len(stage.mtp_start)
@@ -3034,6 +3021,19 @@ def timed_loop(schedule, val_loss_every, clock, draw_batches, launch_step, valid
         if step + 1 < total:  # the host draws the next step's batches while the GPU computes
             batches = draw_batches(step + 1)
         clock.keep_up()
+
+
+def save_whole(state, path):
+    """torch.save into a temporary name, renamed once whole: a failed save leaves nothing behind."""
+    partial = f"{path}.partial"
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as its stream's RuntimeError
+        if os.path.exists(partial):
+            os.remove(partial)
+        reason = e.strerror if isinstance(e, OSError) else "the write failed"
+        raise UsageError(f"cannot save {path} ({reason}): free space on its disk") from None
 
 
 def train(trainer, log, launch_time):
