@@ -367,7 +367,7 @@ def test_validation_names_the_file_of_a_window_with_too_many_documents(small_run
 
 def test_preflight_walks_the_draws_from_the_first_shard_at_later_shapes(small_run, tmp_path):
     """Training meets short documents at stage 1's and 2's shapes only; the compile workers and the CUDA
-    graphs' capture draw stage 3's first micro-batch from the first shard, as --profile 3 does."""
+    graphs' capture draw stage 3's first micro-batch from the first shard, as profile_gpt.py --stage 3 does."""
     (tmp_path / "t").mkdir()
     write_documents(tmp_path / "t" / "fineweb_train_000001.bin", 0, [300] * 3000 + [2000] * 2500)
     args = replaced(small_run, "--train_files", str(tmp_path / "t" / "*.bin"), "--num_scheduled_iterations", "18")
