@@ -2256,8 +2256,8 @@ def checkpoint_bytes(world_size):
 
 
 def check_outputs(hp, world_size, extra_paths=()):
-    """The files this run will write (and extra_paths) must be new, in a logs/ folder that is one or can be made, with
-    room for them."""
+    """The files this run will write (and extra_paths) must be new, in a logs/ folder that is one or can
+    be made, with room for them."""
     if os.path.lexists("logs") and not os.path.isdir("logs"):
         raise UsageError("logs is not a folder (a file, or a link to none): runs write their logs into logs/ in "
                          "the current folder. Move it away, or run from another folder")
