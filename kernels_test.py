@@ -197,21 +197,28 @@ def qkv_inputs(tokens, heads, head_dim, paired):
     return qkv, *tables
 
 
+@pytest.mark.parametrize("value_embed", [False, True], ids=["", "value_embed"])
 @pytest.mark.parametrize("paired,shift_keys", QKV_LAYOUTS)
 @pytest.mark.parametrize("tokens,heads,head_dim", QKV_SHAPES)
-def test_qkv_heads(tokens, heads, head_dim, paired, shift_keys):
-    qkv, cos, sin = qkv_inputs(tokens, heads, head_dim, paired)
-    qkv.requires_grad_()
-    outs = tg.QKVHeads.apply(qkv, cos, sin, heads, paired, shift_keys)
+def test_qkv_heads(tokens, heads, head_dim, paired, shift_keys, value_embed):
+    inputs = [*qkv_inputs(tokens, heads, head_dim, paired)]
+    if value_embed:  # the value embedding and its gate's logits, both learned
+        inputs += [randn(tokens, heads * head_dim), randn(tokens, heads, scale=2.0)]
+    leaves = [inputs[0]] + inputs[3:]
+    for t in leaves:
+        t.requires_grad_()
+    outs = tg.QKVHeads.apply(*inputs[:3], heads, paired, shift_keys, *inputs[3:])
     grads = [randn(tokens, heads, head_dim) for _ in range(3)]
     torch.autograd.backward(outs, grads)
-    qkv64 = qkv.detach().double().requires_grad_()
-    refs = tg.reference_qkv_heads(qkv64, cos.double(), sin.double(), heads, paired, shift_keys)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    refs = tg.reference_qkv_heads(leaves64[0], *(t.double() for t in inputs[1:3]), heads, paired, shift_keys,
+                                  *leaves64[1:])
     torch.autograd.backward(refs, [g.double() for g in grads])
     for out, ref in zip(outs, refs):
         assert out.shape == ref.shape and out.is_contiguous()
         assert rel_err(out, ref) < TOL
-    assert rel_err(qkv.grad, qkv64.grad) < TOL
+    for t, t64 in zip(leaves, leaves64):
+        assert rel_err(t.grad, t64.grad) < TOL
 
 
 # --- embedding gradients: only the touched rows -----------------------------------------------------

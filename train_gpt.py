@@ -519,8 +519,10 @@ class ReLUSquareMLP(torch.autograd.Function):
 # rotate: out = cos * y + sin * swap(y) with swap(y)[2i] = y[2i + 1], swap(y)[2i + 1] = -y[2i];
 # its transpose: g -> cos * g - swap(sin * g). PAIRED: heads 2g and 2g + 1 read the two halves of a
 # (T, 2 * head_dim) table. SHIFT_KEYS: the keys' second half comes from the previous token (row 0
-# keeps its own), as long-window layers want. A program takes BLOCK rows of (token, head), all
-# loads first: consecutive rows are neighbouring heads, so its reads are long runs of memory.
+# keeps its own), as long-window layers want. VALUE_EMBED: v += 2 sigmoid(logit) * value embedding,
+# a logit per (token, head), in the same pass (Inductor's kernel for it read and wrote v once more).
+# A program takes BLOCK rows of (token, head), all loads first: consecutive rows are neighbouring
+# heads, so its reads are long runs of memory.
 
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for bf16 and fp32 inputs
 
@@ -555,20 +557,22 @@ def _norm_rotate_backward(grad, x, cos, sin, EPS: tl.constexpr):
 @triton.jit
 def _head_rows(T, table_stride, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
                BLOCK: tl.constexpr):
-    """This program's rows (token, head): their tokens, their offsets in qkv and in the rotary tables."""
+    """This program's rows (token, head): their index, their offsets in a (T, heads, head_dim) tensor, their
+    tokens, their offsets in qkv and in the rotary tables, and which are inside the T tokens."""
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     tokens, heads = rows // HEADS, rows % HEADS
     cols = tl.arange(0, HEAD_DIM)[None, :]
     qkv_offsets = (tokens * 3 * HEADS + heads)[:, None] * HEAD_DIM + cols
     table_offsets = tokens[:, None] * table_stride + cols + ((heads % 2)[:, None] * HEAD_DIM if PAIRED else 0)
-    return rows[:, None] * HEAD_DIM + cols, tokens[:, None], qkv_offsets, table_offsets, (tokens < T)[:, None]
+    return (rows[:, None], rows[:, None] * HEAD_DIM + cols, tokens[:, None], qkv_offsets, table_offsets,
+            (tokens < T)[:, None])
 
 
 @triton.jit
-def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, table_stride, EPS: tl.constexpr,
-                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
-                      SHIFT_KEYS: tl.constexpr, BLOCK: tl.constexpr):
-    out, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
+def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, value_embed_ptr, value_logits_ptr, q_ptr, k_ptr, v_ptr, T,
+                      table_stride, EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PAIRED: tl.constexpr, SHIFT_KEYS: tl.constexpr, VALUE_EMBED: tl.constexpr, BLOCK: tl.constexpr):
+    row, out, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
     width = HEADS * HEAD_DIM
     q, k = tl.load(qkv_ptr + src, mask=mask, other=0.0), tl.load(qkv_ptr + width + src, mask=mask, other=0.0)
     v = tl.load(qkv_ptr + 2 * width + src, mask=mask)
@@ -579,7 +583,10 @@ def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, table_s
         table_prev = table - tl.where(tokens > 0, table_stride, 0)
         cos_prev = tl.load(cos_ptr + table_prev, mask=mask, other=0.0)
         sin_prev = tl.load(sin_ptr + table_prev, mask=mask, other=0.0)
-    tl.store(v_ptr + out, v, mask=mask)
+    if VALUE_EMBED:
+        gate = 2.0 * tl.sigmoid(tl.load(value_logits_ptr + row, mask=mask).to(tl.float32))
+        v = v.to(tl.float32) + gate * tl.load(value_embed_ptr + out, mask=mask).to(tl.float32)
+    tl.store(v_ptr + out, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(q_ptr + out, _norm_rotate(q, cos, sin, EPS).to(q_ptr.dtype.element_ty), mask=mask)
     k = _norm_rotate(k, cos, sin, EPS)
     if SHIFT_KEYS:
@@ -589,10 +596,11 @@ def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, table_s
 
 
 @triton.jit
-def _qkv_heads_backward_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, table_stride,
-                               EPS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               PAIRED: tl.constexpr, SHIFT_KEYS: tl.constexpr, BLOCK: tl.constexpr):
-    grad, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
+def _qkv_heads_backward_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, cos_ptr, sin_ptr, value_embed_ptr, value_logits_ptr,
+                               dqkv_ptr, dvalue_embed_ptr, dvalue_logits_ptr, T, table_stride, EPS: tl.constexpr,
+                               HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRED: tl.constexpr,
+                               SHIFT_KEYS: tl.constexpr, VALUE_EMBED: tl.constexpr, BLOCK: tl.constexpr):
+    row, grad, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
     width = HEADS * HEAD_DIM
     dq = tl.load(dq_ptr + grad, mask=mask, other=0.0).to(tl.float32)
     dk = tl.load(dk_ptr + grad, mask=mask, other=0.0).to(tl.float32)
@@ -604,45 +612,65 @@ def _qkv_heads_backward_kernel(dq_ptr, dk_ptr, dv_ptr, qkv_ptr, cos_ptr, sin_ptr
         second_half = tl.arange(0, HEAD_DIM)[None, :] >= HEAD_DIM // 2
         dk = tl.where(second_half, dk_next + tl.where(tokens == 0, dk, 0.0), dk)
     tl.store(dqkv_ptr + 2 * width + src, dv, mask=mask)
+    if VALUE_EMBED:
+        gate = tl.sigmoid(tl.load(value_logits_ptr + row, mask=mask, other=0.0).to(tl.float32))
+        value_embed = tl.load(value_embed_ptr + grad, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dvalue_embed_ptr + grad, (2.0 * gate * dv.to(tl.float32)).to(dvalue_embed_ptr.dtype.element_ty),
+                 mask=mask)
+        dlogits = 2.0 * gate * (1.0 - gate) * tl.sum(dv.to(tl.float32) * value_embed, axis=1)[:, None]
+        tl.store(dvalue_logits_ptr + row, dlogits.to(dvalue_logits_ptr.dtype.element_ty), mask=mask)
     tl.store(dqkv_ptr + src, _norm_rotate_backward(dq, q, cos, sin, EPS).to(dqkv_ptr.dtype.element_ty),
              mask=mask)
     tl.store(dqkv_ptr + width + src,
              _norm_rotate_backward(dk, k, cos, sin, EPS).to(dqkv_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, block=16, num_warps=2):
+def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, value_embed, block=16, num_warps=2):
     kernel[(triton.cdiv(T * heads, block),)](
         *tensors, T, table.stride(0), EPS=RMS_EPS, HEADS=heads, HEAD_DIM=table.size(-1) // (1 + paired),
-        PAIRED=paired, SHIFT_KEYS=shift_keys, BLOCK=block, num_warps=num_warps)
+        PAIRED=paired, SHIFT_KEYS=shift_keys, VALUE_EMBED=value_embed, BLOCK=block, num_warps=num_warps)
 
 
-def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, **config):
+def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None, **config):
     """q, k, v (T, heads, head_dim) from qkv (T, 3 * heads * head_dim); cos, sin: rotary tables of at
-    least T rows, (rows, 1, head_dim), or (rows, 1, 2 * head_dim) if paired."""
+    least T rows, (rows, 1, head_dim), or (rows, 1, 2 * head_dim) if paired; value_embed (T, heads *
+    head_dim) and value_logits (T, heads), both or neither."""
     T = qkv.size(0)
     q, k, v = (qkv.new_empty(T, heads, qkv.size(1) // (3 * heads)) for _ in range(3))
-    _launch_qkv_heads(_qkv_heads_kernel, (qkv, cos, sin, q, k, v), T, cos, heads, paired, shift_keys, **config)
+    value = (qkv, qkv) if value_embed is None else (value_embed.contiguous(), value_logits.contiguous())  # or unread
+    _launch_qkv_heads(_qkv_heads_kernel, (qkv, cos, sin, *value, q, k, v), T, cos, heads, paired, shift_keys,
+                      value_embed is not None, **config)
     return q, k, v
 
 
-def qkv_heads_backward(dq, dk, dv, qkv, cos, sin, heads, paired, shift_keys, **config):
-    """The gradient of qkv_heads_forward's input."""
+def qkv_heads_backward(dq, dk, dv, qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None,
+                       **config):
+    """The gradients of qkv_heads_forward's inputs qkv, value_embed and value_logits (None without them)."""
     dqkv = torch.empty_like(qkv)
+    if value_embed is None:  # the kernel reads and writes none of these
+        value, dvalue = (qkv, qkv), (dqkv, dqkv)
+    else:
+        value = value_embed.contiguous(), value_logits.contiguous()
+        dvalue = tuple(map(torch.empty_like, value))
     _launch_qkv_heads(_qkv_heads_backward_kernel, (dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv, cos, sin,
-                                                   dqkv), qkv.size(0), cos, heads, paired, shift_keys, **config)
-    return dqkv
+                                                   *value, dqkv, *dvalue), qkv.size(0), cos, heads, paired, shift_keys,
+                      value_embed is not None, **config)
+    return (dqkv, None, None) if value_embed is None else (dqkv, *dvalue)
 
 
 class QKVHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, cos, sin, heads, paired, shift_keys):
-        ctx.save_for_backward(qkv, cos, sin)
+    def forward(ctx, qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None):
+        ctx.save_for_backward(qkv, cos, sin, value_embed, value_logits)
         ctx.config = heads, paired, shift_keys
-        return qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys)
+        return qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, value_embed, value_logits)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        return qkv_heads_backward(dq, dk, dv, *ctx.saved_tensors, *ctx.config), None, None, None, None, None
+        qkv, cos, sin, value_embed, value_logits = ctx.saved_tensors
+        dqkv, dvalue_embed, dvalue_logits = qkv_heads_backward(dq, dk, dv, qkv, cos, sin, *ctx.config, value_embed,
+                                                               value_logits)
+        return dqkv, None, None, None, None, None, dvalue_embed, dvalue_logits
 
 
 # Softcapped multi-token cross-entropy. z = SOFTCAP * sigmoid((logit + SHIFT) / DIVISOR) lies in
@@ -839,8 +867,8 @@ class FP8SoftcapMTPLoss(torch.autograd.Function):
         grad_x = torch._scaled_mm(grad_f8, w_f8.mT, scale_a=grad_scale, scale_b=w_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=False)
         grad_w = torch._scaled_mm(transposed(x_f8), transposed(grad_f8).mT, scale_a=x_scale,
-                                  scale_b=grad_scale, out_dtype=torch.float32, use_fast_accum=False)
-        return grad_x, grad_w.to(ctx.w_dtype), None, None
+                                  scale_b=grad_scale, out_dtype=ctx.w_dtype, use_fast_accum=False)
+        return grad_x, grad_w, None, None
 
 
 # Embedding gradients, only the rows a micro-batch touched. A dense backward zero-fills an fp32
@@ -1042,10 +1070,11 @@ class Rotary:
         self._build()
 
 
-def reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys):
+def reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None):
     """q, k, v (T, heads, head_dim) from the QKV projection: q and k RMS-normed per head, then rotated;
     paired: heads 2g and 2g + 1 together at positions (2t, 2t + 1) of the paired tables; shift_keys:
-    each key's stationary second half from the previous token. Plain PyTorch (CPU and tests)."""
+    each key's stationary second half from the previous token; value_embed (T, heads * head_dim), if
+    given, added to v per head scaled by 2 sigmoid(value_logits (T, heads)). Plain PyTorch (CPU and tests)."""
     T = qkv.size(0)
     q, k, v = qkv.view(T, 3, heads, -1).unbind(1)
     hd = q.size(-1)
@@ -1053,14 +1082,16 @@ def reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys):
     q, k = (rotate(norm(t).reshape(T, -1, cos.size(-1)), cos, sin).view(T, heads, hd) for t in (q, k))
     if shift_keys:
         k = torch.cat([k[:, :, :hd // 2], torch.cat([k[:1, :, hd // 2:], k[:-1, :, hd // 2:]])], dim=-1)
+    if value_embed is not None:
+        v = v + (2 * torch.sigmoid(value_logits))[..., None] * value_embed.view(T, heads, hd)
     return q, k, v
 
 
-def qkv_heads(qkv, cos, sin, heads, paired, shift_keys):
+def qkv_heads(qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None):
     """reference_qkv_heads: one Triton kernel each way on CUDA (qkv contiguous)."""
     if qkv.is_cuda:
-        return QKVHeads.apply(qkv, cos, sin, heads, paired, shift_keys)
-    return reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys)
+        return QKVHeads.apply(qkv, cos, sin, heads, paired, shift_keys, value_embed, value_logits)
+    return reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys, value_embed, value_logits)
 
 
 def reference_attention(q, k, v, cu_seqlens, window, scale):
@@ -1304,12 +1335,14 @@ class GPT(nn.Module):
         T, h, hd = x.size(0), self.num_heads, self.head_dim
         paired = layer.paired_heads
         tables = (self.rotary.paired_cos, self.rotary.paired_sin) if paired else (self.rotary.cos, self.rotary.sin)
-        q, k, v = qkv_heads(x @ (scales[0] * weights[:3 * h * hd]).mT, *tables, h, paired, layer.long_window)
-        if value is not None:
+        value_embed = value_logits = None
+        if value is not None:  # added to v inside qkv_heads
             value_embed, value_gate = value
             gate_in = x[:, :GATE_DIM] if paired else torch.cat([x[:, :GATE_DIM // 2], value_embed[:, :GATE_DIM // 2]],
                                                                dim=-1)
-            v = v + (2 * torch.sigmoid(gate_in @ value_gate.mT))[..., None] * value_embed.view(T, h, hd)
+            value_logits = gate_in @ value_gate.mT
+        q, k, v = qkv_heads(x @ (scales[0] * weights[:3 * h * hd]).mT, *tables, h, paired, layer.long_window,
+                            value_embed, value_logits)
         if paired:  # token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
             q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
             y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, self.rotary.attn_scale,
