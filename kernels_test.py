@@ -631,7 +631,7 @@ def _sweep_rows():
                                                   out_dtype=torch.bfloat16),
         "transpose grad_f8": lambda: tg.transposed(grad_f8),
         "grad_w matmul": lambda: torch._scaled_mm(tg.transposed(x_f8), tg.transposed(grad_f8).mT, scale_a=one,
-                                                  scale_b=one, out_dtype=torch.float32),
+                                                  scale_b=one, out_dtype=torch.bfloat16),
     }
     for name, fn in pieces.items():
         rows.append((f"{name} (16384 rows)", _median_us(fn)))
