@@ -2,7 +2,8 @@
 
     python profile_gpt.py --stage 3 [any train_gpt.py flags]
 
-After train_gpt.py's own pre-flight and warm-up it prints, and logs to logs/<run_id>.txt:
+After train_gpt.py's own pre-flight and warm-up (each warm-up step's time split by compiler stage:
+Dynamo, AOTAutograd, Inductor, Triton, the rest) it prints, and logs to logs/<run_id>.txt:
   - launch costs per stage: host and GPU time of a micro-batch (a CUDA graph replay, and the eager
     launches it replaces) and of an optimizer step;
   - an eight-GPU emulation: one rank's step of an 8-GPU run per stage, timed on this GPU, and the
@@ -20,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from torch._dynamo.utils import compile_times, counters
 
 import train_gpt as tg
 
@@ -45,6 +47,45 @@ RECORD_SCHEDULE = (1450, 40)  # the record's scheduled and extension steps, trai
 # 8xH100 training times to compare with: the record whose math train_gpt.py runs, and upstream's newest
 RECORD_74_SECONDS, CURRENT_RECORD = 88.8, ("#89 (2026-07-17)", 73.8)
 SLEEP_CYCLES = 400_000_000  # about 0.2 s of an H100's or H200's clock: far longer than launching a step
+
+
+def compile_snapshot():
+    """Cumulative compile timers of this process (seconds), cache counters, machine CPU seconds and the clock."""
+    names, values = compile_times(repr="csv", aggregate=True)
+    timers = dict(zip(names, map(float, values)))
+    try:  # every process on the machine: the workers, the compile pools, other ranks
+        with open("/proc/stat") as f:
+            cpu = sum(map(int, f.readline().split()[1:4])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        cpu = float("nan")
+    cache = {name: counters[group][name] for group, name in (("inductor", "fxgraph_cache_hit"),
+                                                               ("inductor", "fxgraph_cache_miss"),
+                                                               ("aot_autograd", "autograd_cache_hit"),
+                                                               ("aot_autograd", "autograd_cache_bypass"))}
+    return dict(timers, **cache, cpu=cpu, wall=time.perf_counter())
+
+
+def describe_compile(before, after):
+    """Where the time between two snapshots went: Dynamo tracing, AOTAutograd, Inductor's lowering and
+    code generation, waiting for Triton's compile pool, and the rest (running, FA4's JIT, data)."""
+    d = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    user_compiler = d.get("OutputGraph.call_user_compiler", 0.0) + d.get("compile_fx.<locals>.bw_compiler", 0.0)
+    parts = {"dynamo": d.get("_compile.compile_inner", 0.0) - d.get("OutputGraph.call_user_compiler", 0.0),
+             "aot": user_compiler - d.get("compile_fx_inner", 0.0),
+             "inductor": d.get("compile_fx_inner", 0.0) - d.get("async_compile.wait", 0.0),
+             "triton": d.get("async_compile.wait", 0.0)}
+    parts = {name: max(0.0, seconds) for name, seconds in parts.items()}  # no -0.0 from rounding
+    parts["other"] = d["wall"] - sum(parts.values())
+    split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
+    return (f"{d['wall']:.1f}s ({split}; {d['cpu'] / d['wall']:.1f} CPUs busy; cache hits: "
+            f"{d['fxgraph_cache_hit']:.0f} Inductor, {d['autograd_cache_hit']:.0f} AOT, "
+            f"{d['fxgraph_cache_miss']:.0f} Inductor misses, {d['autograd_cache_bypass']:.0f} AOT bypasses)")
+
+
+def compile_timer():
+    """warm_up's timer: a warm-up step's seconds split by compiler stage (describe_compile)."""
+    before = compile_snapshot()
+    return lambda: describe_compile(before, compile_snapshot())
 
 
 def kernel_category(name, in_optimizer):
@@ -274,8 +315,7 @@ def main(argv=None):
     run, plan = prepared
     with tg.session(run, plan) as log:
         trainer = tg.Trainer(run)
-        log(f"attention: {tg.describe_attention_backend(trainer.model.attention_backend)}")
-        tg.warm_up(trainer, log, launch_time)
+        tg.warm_up(trainer, log, launch_time, timer=compile_timer)
         log_launch_costs(trainer, log)
         emulate_eight_gpus(trainer, log)
         profile_stage(trainer, log, stage)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
-from torch._dynamo.utils import compile_times, counters
+from torch._dynamo.utils import counters
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -333,13 +333,17 @@ def validation_files(pattern, val_tokens):
 
 
 def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0, world_size=1, device="cuda"):
-    """Yields MicroBatches of contiguous validation windows, not BOS-aligned, from files (validation_files):
-    slot j of each val step takes local_tokens + 1 tokens at j * local_tokens; documents start at the BOS
-    tokens of the inputs."""
+    """Yields MicroBatches of contiguous validation windows, not BOS-aligned, from files (validation_files;
+    only the first ones that hold the val_tokens + 1 tokens are loaded): slot j of each val step takes
+    local_tokens + 1 tokens at j * local_tokens; documents start at the BOS tokens of the inputs."""
     step_tokens = local_tokens * world_size * grad_accum_steps
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
-    shards = [load_shard(f) for f in files]
+    shards = []
+    for path in files:
+        if sum(map(len, shards)) > val_tokens:
+            break
+        shards.append(load_shard(path))
     for path, shard in zip(files, shards):
         if not np.any(shard == BOS_ID):
             raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
@@ -2805,44 +2809,20 @@ def heartbeat(log, what, launch_time, every=HEARTBEAT_SECONDS):
         thread.join()
 
 
-def compile_snapshot():
-    """Cumulative compile timers of this process (seconds), cache counters, machine CPU seconds and the clock."""
-    names, values = compile_times(repr="csv", aggregate=True)
-    timers = dict(zip(names, map(float, values)))
-    try:  # every process on the machine: the workers, the compile pools, other ranks
-        with open("/proc/stat") as f:
-            cpu = sum(map(int, f.readline().split()[1:4])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        cpu = float("nan")
-    cache = {name: counters[group][name] for group, name in (("inductor", "fxgraph_cache_hit"),
-                                                               ("inductor", "fxgraph_cache_miss"),
-                                                               ("aot_autograd", "autograd_cache_hit"),
-                                                               ("aot_autograd", "autograd_cache_bypass"))}
-    return dict(timers, **cache, cpu=cpu, wall=time.perf_counter())
+def seconds_timer():
+    """warm_up's default timer: from now, a function that gives the seconds since (profile_gpt.py's
+    also splits them by compiler stage)."""
+    t0 = time.perf_counter()
+    return lambda: f"{time.perf_counter() - t0:.1f}s"
 
 
-def describe_compile(before, after):
-    """Where the time between two snapshots went: Dynamo tracing, AOTAutograd, Inductor's lowering and
-    code generation, waiting for Triton's compile pool, and the rest (running, FA4's JIT, data)."""
-    d = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
-    user_compiler = d.get("OutputGraph.call_user_compiler", 0.0) + d.get("compile_fx.<locals>.bw_compiler", 0.0)
-    parts = {"dynamo": d.get("_compile.compile_inner", 0.0) - d.get("OutputGraph.call_user_compiler", 0.0),
-             "aot": user_compiler - d.get("compile_fx_inner", 0.0),
-             "inductor": d.get("compile_fx_inner", 0.0) - d.get("async_compile.wait", 0.0),
-             "triton": d.get("async_compile.wait", 0.0)}
-    parts = {name: max(0.0, seconds) for name, seconds in parts.items()}  # no -0.0 from rounding
-    parts["other"] = d["wall"] - sum(parts.values())
-    split = ", ".join(f"{name} {seconds:.1f}" for name, seconds in parts.items())
-    return (f"{d['wall']:.1f}s ({split}; {d['cpu'] / d['wall']:.1f} CPUs busy; cache hits: "
-            f"{d['fxgraph_cache_hit']:.0f} Inductor, {d['autograd_cache_hit']:.0f} AOT, "
-            f"{d['fxgraph_cache_miss']:.0f} Inductor misses, {d['autograd_cache_bypass']:.0f} AOT bypasses)")
-
-
-def warm_up(trainer, log, launch_time):
+def warm_up(trainer, log, launch_time, timer=seconds_timer):
     """Compile every graph on real batches (a training step and an eval forward at each warm-up step),
     then restore the initial model, optimizer and rotary: warm-up trains nothing. Meanwhile worker
-    processes compile the later graphs (--parallel_compile). Then the CUDA graphs are captured."""
+    processes compile the later graphs (--parallel_compile). Then the CUDA graphs are captured. timer:
+    what each step's line says of its time (seconds_timer)."""
     run, schedule = trainer.run, trainer.schedule
+    log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
     initial = trainer.state()
     marker = warm_cache_marker(trainer.model.attention_backend, run.world_size)
     warm = os.path.exists(marker)
@@ -2858,7 +2838,7 @@ def warm_up(trainer, log, launch_time):
             stage = schedule.stage(step)
             what = f"warm-up step {k} of {len(steps)} (step {step}, {stage.name})"
             log(f"{what}: {time.perf_counter() - launch_time:.0f}s since launch")
-            before = compile_snapshot()
+            step_time = timer()
             with heartbeat(log, what, launch_time):
                 trainer.apply_yarn(step)
                 await_worker(workers, graph_key(stage), log)
@@ -2866,7 +2846,7 @@ def warm_up(trainer, log, launch_time):
                 await_worker(workers, "eval", log)
                 trainer.validate(stage.windows, val_batch)
                 torch.cuda.synchronize()
-            log(f"{what} done in {describe_compile(before, compile_snapshot())}")
+            log(f"{what} done in {step_time()}")
     finally:
         loader.close()
         for worker in workers.values():
@@ -3129,7 +3109,6 @@ def main(argv=None):
     run, plan = prepared
     with session(run, plan) as log:
         trainer = Trainer(run)
-        log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
         warm_up(trainer, log, launch_time)
         train(trainer, log, launch_time)
 

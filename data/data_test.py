@@ -401,6 +401,9 @@ def test_validation_reads_only_the_files_it_needs(tmp_path):
     files = tg.validation_files(pattern, 8 * 1024)
     assert files == [str(tmp_path / "fineweb_val_000000.bin")]
     assert len(list(tg.validation_batches(files, 8 * 1024, 1024, 8, device="cpu"))) == 8
+    # given more files than its tokens need (the warm-up's one batch from Run.val_files), it loads only those
+    all_files = files + [str(tmp_path / "fineweb_val_000001.bin")]
+    assert len(list(tg.validation_batches(all_files, 8 * 1024, 1024, 8, device="cpu"))) == 8
     with pytest.raises(tg.DataError, match=r"fineweb_val_000001.bin is too short to be a token shard \(11 bytes"):
         tg.validation_files(pattern, 16 * 1024)
 
