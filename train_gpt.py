@@ -641,7 +641,7 @@ def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, value_embed=None
     head_dim) and value_logits (T, heads), both or neither."""
     T = qkv.size(0)
     q, k, v = (qkv.new_empty(T, heads, qkv.size(1) // (3 * heads)) for _ in range(3))
-    value = (qkv, qkv) if value_embed is None else (value_embed.contiguous(), value_logits.contiguous())  # or unread
+    value = (qkv, qkv) if value_embed is None else (value_embed.contiguous(), value_logits.contiguous())  # qkv: unread
     _launch_qkv_heads(_qkv_heads_kernel, (qkv, cos, sin, *value, q, k, v), T, cos, heads, paired, shift_keys,
                       value_embed is not None, **config)
     return q, k, v
