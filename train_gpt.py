@@ -318,14 +318,21 @@ def shard_tokens(path):
     return int(np.fromfile(path, dtype="<i4", count=3)[2])
 
 
+def files_holding(files, tokens):
+    """The first of files (shards, in order) that together hold at least tokens, and the tokens they hold,
+    counted from their headers."""
+    chosen, total = [], 0
+    for path in files:
+        if total >= tokens:
+            break
+        chosen.append(path)
+        total += shard_tokens(path)
+    return chosen, total
+
+
 def validation_files(pattern, val_tokens):
     """The first files of the pattern (sorted) that hold the val_tokens + 1 tokens validation reads."""
-    files, total = [], 0
-    for path in shard_files(pattern):
-        if total >= val_tokens + 1:
-            break
-        files.append(path)
-        total += shard_tokens(path)
+    files, total = files_holding(shard_files(pattern), val_tokens + 1)
     if total < val_tokens + 1:
         raise DataError(f"{pattern!r} holds {total:,} tokens, fewer than the {val_tokens:,} + 1 that validation "
                         f"reads: lower --val_tokens, or {FETCH_HINT}.")
@@ -339,11 +346,8 @@ def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0
     step_tokens = local_tokens * world_size * grad_accum_steps
     if val_tokens % step_tokens:
         raise ValueError(f"val_tokens ({val_tokens}) must be a multiple of the val step ({step_tokens} tokens)")
-    shards = []
-    for path in files:
-        if sum(map(len, shards)) > val_tokens:
-            break
-        shards.append(load_shard(path))
+    files, _ = files_holding(files, val_tokens + 1)
+    shards = [load_shard(f) for f in files]
     for path, shard in zip(files, shards):
         if not np.any(shard == BOS_ID):
             raise DataError(f"{path} holds no BOS token ({BOS_ID}), so no document: it is not a FineWeb-format shard. "
