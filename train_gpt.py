@@ -1229,27 +1229,36 @@ def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seq_len, window, scale, backe
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seq_len, window, scale, ctx.backend = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens, window, scale)
+class GatedAttention(torch.autograd.Function):
+    """attention_forward's output times a gate per (token, head), gate (T, heads) in (0, 1). The
+    backward passes the attention kernel the gated output's gradient g, and lse - log(gate) for lse:
+    its probabilities become gate * P, so its dv = P^T (gate g) and its dS = P * ((gate g) v^T -
+    rowsum(out * gate g)), the gradients for out's gradient gate * g, which is never written (75 MB a
+    stage-3 layer; docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gate, cu_seqlens, max_seq_len, window, scale, backend):
+        out, lse = attention_forward(q, k, v, cu_seqlens, max_seq_len, window, scale, backend)
+        ctx.save_for_backward(q, k, v, gate, out, lse, cu_seqlens, window, scale)
+        ctx.max_seq_len, ctx.backend = max_seq_len, backend
+        return out * gate[..., None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, gate, out, lse, cu_seqlens, window, scale = ctx.saved_tensors
+        grad_gate = (grad.float() * out.float()).sum(-1).to(gate.dtype)
+        gated_lse = (lse - torch.log(gate.float()).mT).contiguous()
+        dq, dk, dv = attention_backward(grad, q, k, v, out, gated_lse, cu_seqlens, ctx.max_seq_len, window, scale,
+                                        ctx.backend)
+        return dq, dk, dv, grad_gate, None, None, None, None, None
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, window, scale = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seq_len, window, scale,
-                                    ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
-
-
-attention_forward.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-
-
-def attention(q, k, v, cu_seqlens, max_seq_len, window, scale, backend):
-    """reference_attention's semantics through the given backend (attention_backend chooses it).
-    window (int32) and scale (float64): 0-d CPU tensors."""
+def attention(q, k, v, gate, cu_seqlens, max_seq_len, window, scale, backend):
+    """reference_attention's semantics through the given backend (attention_backend chooses it), each
+    (token, head)'s output times gate (T, heads). window (int32) and scale (float64): 0-d CPU tensors."""
     if backend == "reference":
-        return reference_attention(q, k, v, cu_seqlens, window, scale)
-    return attention_forward(q, k, v, cu_seqlens, max_seq_len, window, scale, backend)[0]
+        return reference_attention(q, k, v, cu_seqlens, window, scale) * gate[..., None]
+    return GatedAttention.apply(q, k, v, gate, cu_seqlens, max_seq_len, window, scale, backend)
 
 
 def window_tensor(windows):
@@ -1350,13 +1359,14 @@ class GPT(nn.Module):
             value_logits = gate_in @ value_gate.mT
         q, k, v = qkv_heads(x @ (scales[0] * weights[:3 * h * hd]).mT, *tables, h, paired, layer.long_window,
                             value_embed, value_logits)
+        output_gate = torch.sigmoid(x[:, :GATE_DIM] @ gate.mT)
         if paired:  # token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
             q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
-            y = attention(q, k, v, 2 * cu_seqlens, 2 * max_seq_len, window, self.rotary.attn_scale,
-                          self.attention_backend).reshape(T, h, hd)
+            y = attention(q, k, v, output_gate.reshape(2 * T, h // 2), 2 * cu_seqlens, 2 * max_seq_len, window,
+                          self.rotary.attn_scale, self.attention_backend)
         else:
-            y = attention(q, k, v, cu_seqlens, max_seq_len, window, self.rotary.attn_scale, self.attention_backend)
-        y = y * torch.sigmoid(x[:, :GATE_DIM] @ gate.mT)[..., None]
+            y = attention(q, k, v, output_gate, cu_seqlens, max_seq_len, window, self.rotary.attn_scale,
+                          self.attention_backend)
         return y.reshape(T, h * hd) @ (scales[1] * weights[3 * h * hd:]).mT
 
     def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None, trunk=None):

@@ -1389,7 +1389,8 @@ def test_one_compiled_graph_serves_every_window_and_scale(backend, configured_to
 @pytest.mark.parametrize("paired", [False, True], ids=["plain", "paired"])
 @pytest.mark.parametrize("backend", ["fa4", "torch"])
 def test_attention_backend_matches_reference(backend, paired, window, compiled, configured_torch):
-    """Output and dq, dk, dv of each backend against fp32 reference attention on the same bf16 inputs."""
+    """Gated output and dq, dk, dv, dgate of each backend against fp32 reference attention on the same
+    bf16 inputs. The backward's lse - log(gate) in place of multiplying the gradient is checked here."""
     problem = attention_unavailable(backend)
     if problem:
         pytest.skip(problem)
@@ -1398,17 +1399,19 @@ def test_attention_backend_matches_reference(backend, paired, window, compiled, 
     scale = 2 if paired else 1  # paired layers: 3 heads at doubled positions
     cu, n, heads = batch.cu_seqlens * scale, T * scale, 6 // scale
     qkv = torch.randn(n, 3, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # as the model's
+    gate = torch.rand(n, heads, device="cuda").clamp(min=1e-3).to(torch.bfloat16).requires_grad_()  # sigmoid's range
     grad_out = torch.randn(n, heads, 128, device="cuda", dtype=torch.bfloat16)
 
-    def run(qkv):
-        return tg.attention(*qkv.unbind(1), cu, max_len * scale, torch.tensor(window, dtype=torch.int32),
+    def run(qkv, gate):
+        return tg.attention(*qkv.unbind(1), gate, cu, max_len * scale, torch.tensor(window, dtype=torch.int32),
                             torch.tensor(0.12, dtype=torch.float64), backend)
-    out = (torch.compile(run, fullgraph=True, dynamic=False) if compiled else run)(qkv)
-    grad = torch.autograd.grad(out, qkv, grad_out)[0]
-    qkv_ref = qkv.detach().float().requires_grad_()
-    ref = tg.reference_attention(*qkv_ref.unbind(1), cu, window, 0.12)
-    ref_grad = torch.autograd.grad(ref, qkv_ref, grad_out.float())[0]
-    pairs = [("out", out, ref)] + [(name, grad[:, i], ref_grad[:, i]) for i, name in enumerate(("dq", "dk", "dv"))]
+    out = (torch.compile(run, fullgraph=True, dynamic=False) if compiled else run)(qkv, gate)
+    grad, grad_gate = torch.autograd.grad(out, (qkv, gate), grad_out)
+    qkv_ref, gate_ref = qkv.detach().float().requires_grad_(), gate.detach().float().requires_grad_()
+    ref = tg.reference_attention(*qkv_ref.unbind(1), cu, window, 0.12) * gate_ref[..., None]
+    ref_grad, ref_grad_gate = torch.autograd.grad(ref, (qkv_ref, gate_ref), grad_out.float())
+    pairs = [("out", out, ref), ("dgate", grad_gate, ref_grad_gate)]
+    pairs += [(name, grad[:, i], ref_grad[:, i]) for i, name in enumerate(("dq", "dk", "dv"))]
     for name, got, want in pairs:
         assert torch.isfinite(got).all(), name
         assert ((got.float() - want).norm() / want.norm()).item() < 1e-2, name
