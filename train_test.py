@@ -131,6 +131,53 @@ def test_reference_attention_equals_per_document_loop():
     assert torch.allclose(out, ref)
 
 
+def flash_scores(q, k, cu_seqlens, window, scale):
+    """Scaled scores (heads, T, T), -inf where reference_attention's mask hides a key."""
+    positions = torch.arange(q.size(0))
+    doc = torch.searchsorted(cu_seqlens, positions, right=True)
+    offset = positions[:, None] - positions[None, :]
+    mask = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+    return (scale * torch.einsum("thd,shd->hts", q, k)).masked_fill(~mask, -math.inf)
+
+
+def flash_forward(q, k, v, cu_seqlens, max_seq_len, window, scale, backend):
+    """A flash kernel's contract, written out: the output and the log-sum-exp of the scores (heads, T)."""
+    scores = flash_scores(q, k, cu_seqlens, window, scale)
+    lse = scores.logsumexp(-1)
+    return torch.einsum("hts,shd->thd", (scores - lse[..., None]).exp(), v), lse
+
+
+def flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seq_len, window, scale, backend):
+    """A flash kernel's backward, written out: probabilities from the lse it is given, and the row sums
+    of out * grad_out."""
+    probs = (flash_scores(q, k, cu_seqlens, window, scale) - lse[..., None]).exp()
+    grad_probs = torch.einsum("thd,shd->hts", grad_out, v)
+    grad_scores = probs * (grad_probs - (out * grad_out).sum(-1).T[..., None])
+    return (scale * torch.einsum("hts,shd->thd", grad_scores, k), scale * torch.einsum("hts,thd->shd", grad_scores, q),
+            torch.einsum("hts,thd->shd", probs, grad_out))
+
+
+def test_gated_attention_backward_through_the_lse_gives_the_gated_gradients(monkeypatch):
+    """GatedAttention hands the kernel's backward lse - log(gate) and the gated output's gradient; with
+    a kernel that keeps the flash contract, that yields the gradients of reference attention times the
+    gate (fp64)."""
+    monkeypatch.setattr(tg, "attention_forward", flash_forward)
+    monkeypatch.setattr(tg, "attention_backward", flash_backward)
+    T, H, D, window, scale = 50, 3, 8, 6, 0.3
+    cu = torch.tensor([0, 20, 21, 44, T, T], dtype=torch.int32)
+    q, k, v = (torch.randn(T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    gate = torch.rand(T, H, dtype=torch.float64).clamp(min=0.01).requires_grad_()
+    grad_out = torch.randn(T, H, D, dtype=torch.float64)
+    out = tg.GatedAttention.apply(q, k, v, gate, cu, T, torch.tensor(window, dtype=torch.int32),
+                                  torch.tensor(scale, dtype=torch.float64), "flash")
+    grads = torch.autograd.grad(out, (q, k, v, gate), grad_out)
+    ref = tg.reference_attention(q, k, v, cu, window, scale) * gate[..., None]
+    ref_grads = torch.autograd.grad(ref, (q, k, v, gate), grad_out)
+    assert torch.allclose(out, ref)
+    for name, got, want in zip(("dq", "dk", "dv", "dgate"), grads, ref_grads):
+        assert torch.allclose(got, want), name
+
+
 def test_attention_backend_choice():
     hopper, ampere, blackwell = (9, 0), (8, 0), (10, 0)
     choose = tg.choose_attention_backend
