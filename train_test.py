@@ -160,7 +160,8 @@ def flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seq_len, window,
 def test_gated_attention_backward_through_the_lse_gives_the_gated_gradients(monkeypatch):
     """GatedAttention hands the kernel's backward lse - log(gate) and the gated output's gradient; with
     a kernel that keeps the flash contract, that yields the gradients of reference attention times the
-    gate (fp64)."""
+    gate. Inputs in fp64; GatedAttention takes log(gate) and the gate's gradient in fp32, hence fp32's
+    relative error (about 1e-7) with a margin."""
     monkeypatch.setattr(tg, "attention_forward", flash_forward)
     monkeypatch.setattr(tg, "attention_backward", flash_backward)
     T, H, D, window, scale = 50, 3, 8, 6, 0.3
@@ -173,9 +174,8 @@ def test_gated_attention_backward_through_the_lse_gives_the_gated_gradients(monk
     grads = torch.autograd.grad(out, (q, k, v, gate), grad_out)
     ref = tg.reference_attention(q, k, v, cu, window, scale) * gate[..., None]
     ref_grads = torch.autograd.grad(ref, (q, k, v, gate), grad_out)
-    assert torch.allclose(out, ref)
-    for name, got, want in zip(("dq", "dk", "dv", "dgate"), grads, ref_grads):
-        assert torch.allclose(got, want), name
+    for name, got, want in zip(("out", "dq", "dk", "dv", "dgate"), (out, *grads), (ref, *ref_grads)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, name
 
 
 def test_attention_backend_choice():
