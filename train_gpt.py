@@ -1101,14 +1101,18 @@ def qkv_heads(qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_
     return reference_qkv_heads(qkv, cos, sin, heads, paired, shift_keys, value_embed, value_logits)
 
 
-def reference_attention(q, k, v, cu_seqlens, window, scale):
-    """Causal attention within documents; the query at position i sees keys i - window .. i of its own
-    document. q, k, v: (T, heads, head_dim); window and scale: numbers or 0-d tensors. Plain PyTorch
-    with an explicit mask (CPU and tests)."""
-    positions = torch.arange(q.size(0), device=q.device)
+def attention_mask(T, cu_seqlens, window):
+    """(T, T), true where the query at position i sees the key at j: j in i - window .. i, one document."""
+    positions = torch.arange(T, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens, positions, right=True)
     offset = positions[:, None] - positions[None, :]
-    mask = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+    return (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+
+
+def reference_attention(q, k, v, cu_seqlens, window, scale):
+    """Causal attention within documents (attention_mask). q, k, v: (T, heads, head_dim); window and
+    scale: numbers or 0-d tensors. Plain PyTorch with an explicit mask (CPU and tests)."""
+    mask = attention_mask(q.size(0), cu_seqlens, window)
     out = F.scaled_dot_product_attention((q * scale).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=mask, scale=1.0)
     return out.transpose(0, 1)

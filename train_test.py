@@ -132,11 +132,8 @@ def test_reference_attention_equals_per_document_loop():
 
 
 def flash_scores(q, k, cu_seqlens, window, scale):
-    """Scaled scores (heads, T, T), -inf where reference_attention's mask hides a key."""
-    positions = torch.arange(q.size(0))
-    doc = torch.searchsorted(cu_seqlens, positions, right=True)
-    offset = positions[:, None] - positions[None, :]
-    mask = (doc[:, None] == doc[None, :]) & (offset >= 0) & (offset <= window)
+    """Scaled scores (heads, T, T), -inf where attention_mask hides a key."""
+    mask = tg.attention_mask(q.size(0), cu_seqlens, window)
     return (scale * torch.einsum("thd,shd->hts", q, k)).masked_fill(~mask, -math.inf)
 
 
