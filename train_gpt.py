@@ -521,8 +521,9 @@ class ReLUSquareMLP(torch.autograd.Function):
 
 
 # Queries, keys and values from the QKV projection's output (T, 3 * heads * head_dim), one pass
-# each way: per-head RMS norm and rotary embedding of q and k, v copied beside them. Inductor
-# spent two or three kernels per layer on this, re-reading the projection (docs/performance.md).
+# each way: per-head RMS norm and rotary embedding of q and k, v copied beside them where a value
+# embedding or head pairing changes it (elsewhere attention reads it in place). Inductor spent two
+# or three kernels per layer on this, re-reading the projection (docs/performance.md).
 # rotate: out = cos * y + sin * swap(y) with swap(y)[2i] = y[2i + 1], swap(y)[2i + 1] = -y[2i];
 # its transpose: g -> cos * g - swap(sin * g). PAIRED: heads 2g and 2g + 1 read the two halves of a
 # (T, 2 * head_dim) table. SHIFT_KEYS: the keys' second half comes from the previous token (row 0
@@ -582,7 +583,6 @@ def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, value_embed_ptr, value_logits_p
     row, out, tokens, src, table, mask = _head_rows(T, table_stride, HEADS, HEAD_DIM, PAIRED, BLOCK)
     width = HEADS * HEAD_DIM
     q, k = tl.load(qkv_ptr + src, mask=mask, other=0.0), tl.load(qkv_ptr + width + src, mask=mask, other=0.0)
-    v = tl.load(qkv_ptr + 2 * width + src, mask=mask)
     cos, sin = tl.load(cos_ptr + table, mask=mask, other=0.0), tl.load(sin_ptr + table, mask=mask, other=0.0)
     if SHIFT_KEYS:
         previous = tl.where(tokens > 0, 3 * width, 0)  # the offset back to the previous token's row
@@ -590,10 +590,12 @@ def _qkv_heads_kernel(qkv_ptr, cos_ptr, sin_ptr, value_embed_ptr, value_logits_p
         table_prev = table - tl.where(tokens > 0, table_stride, 0)
         cos_prev = tl.load(cos_ptr + table_prev, mask=mask, other=0.0)
         sin_prev = tl.load(sin_ptr + table_prev, mask=mask, other=0.0)
-    if VALUE_EMBED:
-        gate = 2.0 * tl.sigmoid(tl.load(value_logits_ptr + row, mask=mask).to(tl.float32))
-        v = v.to(tl.float32) + gate * tl.load(value_embed_ptr + out, mask=mask).to(tl.float32)
-    tl.store(v_ptr + out, v.to(v_ptr.dtype.element_ty), mask=mask)
+    if PAIRED or VALUE_EMBED:  # else v is read in place, from qkv
+        v = tl.load(qkv_ptr + 2 * width + src, mask=mask)
+        if VALUE_EMBED:
+            gate = 2.0 * tl.sigmoid(tl.load(value_logits_ptr + row, mask=mask).to(tl.float32))
+            v = v.to(tl.float32) + gate * tl.load(value_embed_ptr + out, mask=mask).to(tl.float32)
+        tl.store(v_ptr + out, v.to(v_ptr.dtype.element_ty), mask=mask)
     tl.store(q_ptr + out, _norm_rotate(q, cos, sin, EPS).to(q_ptr.dtype.element_ty), mask=mask)
     k = _norm_rotate(k, cos, sin, EPS)
     if SHIFT_KEYS:
@@ -641,9 +643,11 @@ def _launch_qkv_heads(kernel, tensors, T, table, heads, paired, shift_keys, valu
 def qkv_heads_forward(qkv, cos, sin, heads, paired, shift_keys, value_embed=None, value_logits=None, **config):
     """q, k, v (T, heads, head_dim) from qkv (T, 3 * heads * head_dim); cos, sin: rotary tables of at
     least T rows, (rows, 1, head_dim), or (rows, 1, 2 * head_dim) if paired; value_embed (T, heads *
-    head_dim) and value_logits (T, heads), both or neither."""
-    T = qkv.size(0)
-    q, k, v = (qkv.new_empty(T, heads, qkv.size(1) // (3 * heads)) for _ in range(3))
+    head_dim) and value_logits (T, heads), both or neither. v is a view of qkv unless a value
+    embedding or head pairing changes it (the attention kernels read strided inputs)."""
+    T, width = qkv.size(0), qkv.size(1) // 3
+    q, k = (qkv.new_empty(T, heads, width // heads) for _ in range(2))
+    v = qkv[:, 2 * width:].view(T, heads, -1) if not paired and value_embed is None else torch.empty_like(q)
     value = (qkv, qkv) if value_embed is None else (value_embed.contiguous(), value_logits.contiguous())  # qkv: unread
     _launch_qkv_heads(_qkv_heads_kernel, (qkv, cos, sin, *value, q, k, v), T, cos, heads, paired, shift_keys,
                       value_embed is not None, **config)
