@@ -142,6 +142,10 @@ def test_transpose_add(shape):
 # --- fused linear + ReLU^2 -----------------------------------------------------------------------
 
 MLP_SHAPES = gpu_or_cpu([(16384, 768, 3072), (49152, 768, 3072), (1000, 768, 3072)], [(100, 48, 80), (37, 40, 300)])
+MLP_EDGES = gpu_or_cpu([(300, 136, 520)], [])  # partial tiles in every dimension, K not a multiple of 64
+HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon linear+ReLU² backward needs a Hopper GPU "
+                                                     "(Triton's interpreter does not run Gluon)")
 
 
 @pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES)
@@ -154,12 +158,17 @@ def test_linear_relu_square_forward(tokens, dim, hidden):
     assert (post >= 0).all()
 
 
-@pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES)
-def test_linear_relu_square_backward(tokens, dim, hidden):
+@pytest.mark.parametrize("gluon", [pytest.param(False, id="triton"), pytest.param(True, id="gluon", marks=needs_hopper)])
+@pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES + MLP_EDGES)
+def test_linear_relu_square_backward(tokens, dim, hidden, gluon):
     grad = randn(tokens, dim)
     w_proj = randn(hidden, dim, scale=dim ** -0.5)
     post = randn(tokens, hidden).relu().square()
-    dpre = tg.linear_relu_square_backward(grad, w_proj, post)
+    dpre = poisoned(tokens, hidden)
+    if gluon:
+        tg._launch_linear_relu_square_backward(grad, w_proj, post, dpre)
+    else:
+        tg._launch_linear_relu_square(grad, w_proj, post, dpre, True)
     ref = (grad.double() @ w_proj.double().T) * 2 * post.double().sqrt()
     assert rel_err(dpre, ref) < TOL
 
@@ -178,6 +187,54 @@ def test_relu_square_mlp_autograd(tokens, dim, hidden):
     assert rel_err(out, ref) < TOL
     for got, want in zip((x, c_fc, c_proj), leaves):
         assert rel_err(got.grad, want.grad) < TOL
+
+
+HOPPER_SHARED_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
+
+
+def compile_for_hopper(folder):
+    """(shared memory bytes, ptxas's report) of the Gluon backward kernel compiled for sm_90a as launched,
+    the operands' alignment that launches specialize on included; files go to folder."""
+    import subprocess
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    kernel = tg._linear_relu_square_backward_kernel
+    tensors = dict(x_desc=((4096, 768), [128, 64]), w_desc=((3072, 768), [256, 64]),
+                   out_desc=((4096, 3072), [128, 256]))
+    signature = {name: mangle_type(tg.GluonTensorDescriptor.from_tensor(
+        torch.empty(shape, dtype=torch.bfloat16), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
+        for name, (shape, block) in tensors.items()} | dict(post_ptr="*bf16", M="i32", N="i32", K="i32")
+    constants = dict(STAGES=tg.MLP_STAGES, GROUP_M=tg.MLP_GROUP_M, EPILOGUE_ROWS=tg.MLP_EPILOGUE_ROWS,
+                     EPILOGUE_WARPS=tg.MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=tg.MLP_EPILOGUE_REGISTERS, num_warps=8)
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("post_ptr", "M", "N", "K")}
+    compiled = triton.compile(GluonASTSource(kernel, signature | dict.fromkeys(constants, "constexpr"), constants,
+                                             aligned), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=8, maxnreg=tg.MLP_MAX_REGISTERS))
+    ptx = os.path.join(folder, "kernel.ptx")
+    with open(ptx, "w") as file:
+        file.write(compiled.asm["ptx"])
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(folder, "kernel.o")],
+                            capture_output=True, text=True, check=True).stderr
+    return compiled.metadata.shared, report
+
+
+def test_linear_relu_square_backward_compiles_for_hopper(tmp_path):
+    """What a CPU can check of the Gluon kernel: it compiles for sm_90a, fits in shared memory and keeps
+    every value in registers. In a fresh process without the interpreter: there the @triton.jit helper
+    it calls is an interpreted function, and once an interpreted kernel has called one, Triton 3.6
+    leaves triton.language patched; a compile for the GPU fails either way."""
+    import ast
+    import subprocess
+    script = f"import kernels_test; print(repr(kernels_test.compile_for_hopper({str(tmp_path)!r})))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), env=os.environ | {"TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared, report = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert shared <= HOPPER_SHARED_BYTES
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
 # --- queries, keys and values: per-head RMS norm and rotary embedding ------------------------------
@@ -595,8 +652,12 @@ def _sweep_rows():
         x, post = _bf16(tokens, 768), _bf16(tokens, 3072).relu()
         for cfg in (dict(), dict(persistent=False), dict(block_n=128, num_stages=4), dict(block_m=256, block_n=128)):
             rows.append((f"linear+ReLU² fwd {tokens} {cfg}", _median_us(lambda: tg.linear_relu_square(x, w, **cfg))))
-            rows.append((f"linear+ReLU² bwd {tokens} {cfg}",
-                         _median_us(lambda: tg.linear_relu_square_backward(x, w_proj, post, **cfg))))
+        dpre = torch.empty_like(post)
+        rows.append((f"linear+ReLU² bwd {tokens} Triton",
+                     _median_us(lambda: tg._launch_linear_relu_square(x, w_proj, post, dpre, True))))
+        for cfg in (dict(), dict(group_m=8), dict(epilogue_rows=16), dict(stages=2)) if HOPPER else ():
+            rows.append((f"linear+ReLU² bwd {tokens} Gluon {cfg}", _median_us(
+                lambda: tg._launch_linear_relu_square_backward(x, w_proj, post, dpre, **cfg))))
         rows.append((f"x @ w.T {tokens} (cuBLAS)", _median_us(lambda: x @ w.T)))
     qkv, cos, sin = qkv_inputs(49152, 6, 128, paired=True)
     grads = [_bf16(49152, 6, 128) for _ in range(3)]

@@ -42,6 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
 from torch._dynamo.utils import counters
@@ -363,9 +368,10 @@ def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0
 # ----------------------------------------------------------------------------------------------
 # Kernels: the model's (Polar Express's symmetric products are with the optimizer)
 #
-# Every kernel takes its dtypes from the tensors it is given, so the CPU tests can drive it with
-# fp32 tensors under the Triton interpreter (which has no bf16). Scalar float arguments are cast
-# to fp32 inside the kernels: under torch.compile they arrive as fp64.
+# Every Triton kernel takes its dtypes from the tensors it is given, so the CPU tests can drive it
+# with fp32 tensors under the Triton interpreter (which has no bf16); the one Gluon kernel (the
+# linear+ReLU^2 backward on Hopper) the interpreter cannot run is tested on the GPU. Scalar float
+# arguments are cast to fp32 inside the kernels: under torch.compile they arrive as fp64.
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
 # written coalesced along dst rows. PyTorch's element-wise transposed copy writes uncoalesced
@@ -494,11 +500,163 @@ def linear_relu_square(x, w, **config):
     return _launch_linear_relu_square(x, w, post, post, False, **config)
 
 
-def linear_relu_square_backward(grad, w_proj, post, **config):
+# The backward on Hopper, in Gluon (Triton's explicit Hopper dialect). Its epilogue (a post load and a
+# sqrt per element) stalls the tensor cores in the Triton kernel above; here eight warps run the TMA
+# ring and the wgmma products and hand each rounded tile to four epilogue warps through shared memory,
+# then start the next tile: 426-454 against 475-505 us a launch on one H100, bit-identical. (The same
+# for the forward, whose epilogue is cheap, was slower: 393-415 against 371-391 us.)
+MLP_STAGES, MLP_GROUP_M = 3, 16  # ring depth (4 do not fit beside the tile); tiles sharing rows of g in L2
+MLP_EPILOGUE_WARPS, MLP_EPILOGUE_ROWS = 4, 32  # the epilogue's warps, and the rows it holds at once
+# 8 + 4 warps: a 168-register launch, moved by setmaxnreg to 184 per product thread and 136 per epilogue one
+MLP_MAX_REGISTERS, MLP_EPILOGUE_REGISTERS = 168, 136
+
+
+@gluon.constexpr_function
+def _accumulator_layout(BLOCK_M, BLOCK_N, num_warps):
+    """wgmma's register layout for a (BLOCK_M, BLOCK_N) fp32 tile over num_warps warps: warpgroups stacked
+    along M, the widest instruction N that divides BLOCK_N."""
+    warps_m = min(num_warps, BLOCK_M // 16)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, num_warps // warps_m],
+                                     instr_shape=[16, min(BLOCK_N, 256), 16])
+
+
+@gluon.jit
+def _load_stage(count, x_desc, w_desc, m0, n0, k, ready, x_ring, w_ring, pred=True):
+    """TMA loads of the count-th K step into its ring stage; returns count + 1."""
+    stage = count % x_ring.type.shape[0]
+    mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [m0, k], ready.index(stage), x_ring.index(stage), pred)
+    tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(stage), w_ring.index(stage), pred)
+    return count + 1
+
+
+@gluon.jit
+def _relu_square_products(x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile_ready, tile_free, M, N, K,
+                          GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+    """Each tile's product through the ring, loads kept STAGES - 1 steps ahead (the next tile's first ones
+    before this tile's hand-off), rounded to the output dtype into tile_smem for the epilogue."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    STAGES: gl.constexpr = x_ring.type.shape[0]
+    ACC_LAYOUT: gl.constexpr = _accumulator_layout(BLOCK_M, BLOCK_N, num_warps)
+    num_m, num_n, k_steps = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), gl.cdiv(K, BLOCK_K)
+    loaded, used, handed = 0, 0, 0
+    m0, n0 = _tile_origin(gl.program_id(0), num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+    for s in gl.static_range(STAGES - 1):  # K loads zero-fill past the edges
+        loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, s * BLOCK_K, ready, x_ring, w_ring)
+    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=ACC_LAYOUT)
+        for step in range(k_steps):
+            stage = used % STAGES
+            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
+            used += 1
+            acc = warpgroup_mma(x_ring.index(stage), w_ring.index(stage).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the step before's stage is free
+            if step + STAGES - 1 < k_steps:
+                loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, (step + STAGES - 1) * BLOCK_K, ready, x_ring,
+                                     w_ring)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        next_tile = tile + gl.num_programs(0)
+        m0, n0 = _tile_origin(next_tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        for s in gl.static_range(STAGES - 1):
+            loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, s * BLOCK_K, ready, x_ring, w_ring,
+                                 next_tile < num_m * num_n)
+        mbarrier.wait(tile_free, (handed & 1) ^ 1)  # the epilogue has sent the tile before (fresh: passes)
+        tile_smem.store(acc.to(tile_smem.dtype))
+        mbarrier.arrive(tile_ready)
+        handed += 1
+
+
+@gluon.jit
+def _relu_square_backward_epilogue(post_ptr, out_desc, tile_smem, tile_ready, tile_free, M, N,
+                                   GROUP_M: gl.constexpr, ROWS: gl.constexpr, WARPS: gl.constexpr):
+    """Each handed tile times 2 sqrt(post), ROWS at a time in place in tile_smem, then a TMA store; post's
+    rows are loaded a chunk ahead, the first chunk's while the tile's product is still being computed."""
+    BLOCK_M: gl.constexpr = tile_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = tile_smem.type.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # 16-byte vectors along rows
+    num_m, num_n = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N)
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    handed = 0
+    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+        m0, n0 = _tile_origin(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+        offsets = (m0 + rows)[:, None].to(gl.int64) * N + (n0 + cols)[None, :]
+        in_columns = (n0 + cols < N)[None, :]
+        post_next = gl.load(post_ptr + offsets, mask=(m0 + rows < M)[:, None] & in_columns)
+        mbarrier.wait(tile_ready, handed & 1)
+        for part in gl.static_range(BLOCK_M // ROWS):
+            chunk = tile_smem.slice(part * ROWS, ROWS)
+            post = post_next.to(gl.float32)
+            if part + 1 < BLOCK_M // ROWS:
+                post_next = gl.load(post_ptr + offsets + (part + 1) * ROWS * N,
+                                    mask=(m0 + (part + 1) * ROWS + rows < M)[:, None] & in_columns)
+            chunk.store((chunk.load(layout).to(gl.float32) * 2.0 * gl.sqrt(post)).to(tile_smem.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [m0, n0], tile_smem)
+        tma.store_wait(pendings=0)  # tile_smem read out: the products may write the next tile
+        mbarrier.arrive(tile_free)
+        handed += 1
+
+
+@gluon.jit
+def _linear_relu_square_backward_kernel(x_desc, w_desc, post_ptr, out_desc, M, N, K, STAGES: gl.constexpr,
+                                        GROUP_M: gl.constexpr, EPILOGUE_ROWS: gl.constexpr,
+                                        EPILOGUE_WARPS: gl.constexpr, EPILOGUE_REGISTERS: gl.constexpr,
+                                        num_warps: gl.constexpr):
+    dtype: gl.constexpr = x_desc.dtype
+    x_ring = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_ring = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    tile_smem = gl.allocate_shared_memory(dtype, out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    tile_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    tile_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+    mbarrier.init(tile_ready, count=1)
+    mbarrier.init(tile_free, count=1)
+    gl.warp_specialize([
+        (_relu_square_products, (x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile_ready, tile_free, M, N, K,
+                                 GROUP_M, num_warps)),
+        (_relu_square_backward_epilogue, (post_ptr, out_desc, tile_smem, tile_ready, tile_free, M, N, GROUP_M,
+                                          EPILOGUE_ROWS, EPILOGUE_WARPS)),
+    ], [EPILOGUE_WARPS], [EPILOGUE_REGISTERS])
+
+
+def _launch_linear_relu_square_backward(grad, w_proj, post, dpre, block_m=128, block_n=256, block_k=64,
+                                        stages=MLP_STAGES, group_m=MLP_GROUP_M, epilogue_rows=MLP_EPILOGUE_ROWS):
+    grad, w_proj = grad.contiguous(), w_proj.contiguous()  # TMA: unit inner strides (a .sum() gradient has stride 0)
+    shared = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
+    descriptor = lambda t, shape: GluonTensorDescriptor.from_tensor(t, shape, shared(shape))
+    (m, k), n = grad.shape, w_proj.size(0)
+    assert k > (stages - 2) * block_k, f"K = {k}: the ring's first {stages - 1} loads must all be of one tile"
+    num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    _linear_relu_square_backward_kernel[(min(num_tiles, _num_sms(grad.device)),)](
+        descriptor(grad, [block_m, block_k]), descriptor(w_proj, [block_n, block_k]), post,
+        descriptor(dpre, [block_m, block_n]), m, n, k, STAGES=stages, GROUP_M=group_m, EPILOGUE_ROWS=epilogue_rows,
+        EPILOGUE_WARPS=MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=MLP_EPILOGUE_REGISTERS, num_warps=8,
+        maxnreg=MLP_MAX_REGISTERS)
+    return dpre
+
+
+# A custom op: torch.compile keeps the launch whole (Dynamo traces Triton launches, not Gluon's descriptors).
+@torch.library.custom_op("speedrun::hopper_linear_relu_square_backward", mutates_args=())
+def hopper_linear_relu_square_backward(grad: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    return _launch_linear_relu_square_backward(grad, w_proj, post.contiguous(), torch.empty_like(post))
+
+
+@hopper_linear_relu_square_backward.register_fake
+def _(grad, w_proj, post):
+    return torch.empty_like(post)
+
+
+def linear_relu_square_backward(grad, w_proj, post):
     """dpre = (grad @ w_proj^T) * 2 * sqrt(post), which is 2 relu(pre), for grad (M, K), w_proj (N, K)
-    and the forward's post (M, N)."""
-    dpre = torch.empty_like(post)
-    return _launch_linear_relu_square(grad, w_proj, post, dpre, True, **config)
+    and the forward's post (M, N): the Gluon kernel on Hopper, the Triton one elsewhere."""
+    if grad.is_cuda and torch.cuda.get_device_properties(grad.device).major == 9:
+        return hopper_linear_relu_square_backward(grad, w_proj, post)
+    return _launch_linear_relu_square(grad, w_proj, post, torch.empty_like(post), True)
 
 
 class ReLUSquareMLP(torch.autograd.Function):
