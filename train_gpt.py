@@ -511,15 +511,6 @@ MLP_EPILOGUE_WARPS, MLP_EPILOGUE_ROWS = 4, 32  # the epilogue's warps, and the r
 MLP_MAX_REGISTERS, MLP_EPILOGUE_REGISTERS = 168, 136
 
 
-@gluon.constexpr_function
-def _accumulator_layout(BLOCK_M, BLOCK_N, num_warps):
-    """wgmma's register layout for a (BLOCK_M, BLOCK_N) fp32 tile over num_warps warps: warpgroups stacked
-    along M, the widest instruction N that divides BLOCK_N."""
-    warps_m = min(num_warps, BLOCK_M // 16)
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, num_warps // warps_m],
-                                     instr_shape=[16, min(BLOCK_N, 256), 16])
-
-
 @gluon.jit
 def _load_stage(count, x_desc, w_desc, m0, n0, k, ready, x_ring, w_ring, pred=True):
     """TMA loads of the count-th K step into its ring stage; returns count + 1."""
@@ -539,7 +530,9 @@ def _relu_square_products(x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = x_ring.type.shape[0]
-    ACC_LAYOUT: gl.constexpr = _accumulator_layout(BLOCK_M, BLOCK_N, num_warps)
+    # wgmma's accumulator: the warps stacked along M, one instruction over the tile's N (256 at most)
+    ACC_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
     num_m, num_n, k_steps = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), gl.cdiv(K, BLOCK_K)
     loaded, used, handed = 0, 0, 0
     m0, n0 = _tile_origin(gl.program_id(0), num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
