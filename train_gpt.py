@@ -864,8 +864,11 @@ __device__ __forceinline__ float bf16_high(unsigned int w) { return __uint_as_fl
 __device__ __forceinline__ float tanh_approx(float x) {
     float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
 }
+// .ftz: plain ex2.approx wraps the MUFU instruction in a subnormal guard (FSETP and two FMULs), 13% of
+// the kernel's SASS; without it 3,009-3,034 against 3,198 us a stage-3 micro-batch on one H100.
+// The same bits: every argument lies in [-34, 23] (lse < 34: 50,304 terms of at most e^23).
 __device__ __forceinline__ float exp_approx(float x) {
-    float y; asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f)); return y;
+    float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f)); return y;
 }
 __device__ __forceinline__ float softcap_sigmoid(float logit) {
     return 0.5f + 0.5f * tanh_approx(0.5f * ((logit + SHIFT) * INV_DIVISOR));
