@@ -201,8 +201,9 @@ def compile_for_hopper(folder):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
     kernel = tg._linear_relu_square_backward_kernel
-    tensors = dict(x_desc=((4096, 768), [128, 64]), w_desc=((3072, 768), [256, 64]),
-                   out_desc=((4096, 3072), [128, 256]))
+    tensors = dict(x_desc=((4096, 768), [tg.MLP_BLOCK_M, tg.MLP_BLOCK_K]),
+                   w_desc=((3072, 768), [tg.MLP_BLOCK_N, tg.MLP_BLOCK_K]),
+                   out_desc=((4096, 3072), [tg.MLP_BLOCK_M, tg.MLP_BLOCK_N]))
     signature = {name: mangle_type(tg.GluonTensorDescriptor.from_tensor(
         torch.empty(shape, dtype=torch.bfloat16), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
         for name, (shape, block) in tensors.items()} | dict(post_ptr="*bf16", M="i32", N="i32", K="i32")

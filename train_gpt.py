@@ -505,6 +505,7 @@ def linear_relu_square(x, w, **config):
 # ring and the wgmma products and hand each rounded tile to four epilogue warps through shared memory,
 # then start the next tile: 426-454 against 475-505 us a launch on one H100, bit-identical. (The same
 # for the forward, whose epilogue is cheap, was slower: 393-415 against 371-391 us.)
+MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64  # a tile, and its K step; wgmma takes N up to 256
 MLP_STAGES, MLP_GROUP_M = 3, 16  # ring depth (4 do not fit beside the tile); tiles sharing rows of g in L2
 MLP_EPILOGUE_WARPS, MLP_EPILOGUE_ROWS = 4, 32  # the epilogue's warps, and the rows it holds at once
 # 8 + 4 warps: a 168-register launch, moved by setmaxnreg to 184 per product thread and 136 per epilogue one
@@ -530,7 +531,7 @@ def _relu_square_products(x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     STAGES: gl.constexpr = x_ring.type.shape[0]
-    # wgmma's accumulator: the warps stacked along M, one instruction over the tile's N (256 at most)
+    # wgmma's accumulator: the warps stacked along M, one instruction over the tile's N
     ACC_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
     num_m, num_n, k_steps = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), gl.cdiv(K, BLOCK_K)
@@ -617,19 +618,19 @@ def _linear_relu_square_backward_kernel(x_desc, w_desc, post_ptr, out_desc, M, N
     ], [EPILOGUE_WARPS], [EPILOGUE_REGISTERS])
 
 
-def _launch_linear_relu_square_backward(grad, w_proj, post, dpre, block_m=128, block_n=256, block_k=64,
-                                        stages=MLP_STAGES, group_m=MLP_GROUP_M, epilogue_rows=MLP_EPILOGUE_ROWS):
+def _launch_linear_relu_square_backward(grad, w_proj, post, dpre, stages=MLP_STAGES, group_m=MLP_GROUP_M,
+                                        epilogue_rows=MLP_EPILOGUE_ROWS):
     grad, w_proj = grad.contiguous(), w_proj.contiguous()  # TMA: unit inner strides (a .sum() gradient has stride 0)
     shared = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
     descriptor = lambda t, shape: GluonTensorDescriptor.from_tensor(t, shape, shared(shape))
     (m, k), n = grad.shape, w_proj.size(0)
-    assert k > (stages - 2) * block_k, f"K = {k}: the ring's first {stages - 1} loads must all be of one tile"
-    num_tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    assert k > (stages - 2) * MLP_BLOCK_K, f"K = {k}: the ring's first {stages - 1} loads must all be of one tile"
+    num_tiles = triton.cdiv(m, MLP_BLOCK_M) * triton.cdiv(n, MLP_BLOCK_N)
     _linear_relu_square_backward_kernel[(min(num_tiles, _num_sms(grad.device)),)](
-        descriptor(grad, [block_m, block_k]), descriptor(w_proj, [block_n, block_k]), post,
-        descriptor(dpre, [block_m, block_n]), m, n, k, STAGES=stages, GROUP_M=group_m, EPILOGUE_ROWS=epilogue_rows,
-        EPILOGUE_WARPS=MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=MLP_EPILOGUE_REGISTERS, num_warps=8,
-        maxnreg=MLP_MAX_REGISTERS)
+        descriptor(grad, [MLP_BLOCK_M, MLP_BLOCK_K]), descriptor(w_proj, [MLP_BLOCK_N, MLP_BLOCK_K]), post,
+        descriptor(dpre, [MLP_BLOCK_M, MLP_BLOCK_N]), m, n, k, STAGES=stages, GROUP_M=group_m,
+        EPILOGUE_ROWS=epilogue_rows, EPILOGUE_WARPS=MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=MLP_EPILOGUE_REGISTERS,
+        num_warps=8, maxnreg=MLP_MAX_REGISTERS)
     return dpre
 
 
