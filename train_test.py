@@ -1151,7 +1151,10 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
         step(torch.randn(8, requires_grad=True)).backward()
         print(counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_bypass"])
     """
-    runs = [run_script([], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) for _ in range(2)]
+    # the cache in a folder of its own: its two-character subfolders in the working directory would shadow
+    # modules of the same name (a "z3" one broke torch's import of z3)
+    runs = [run_script([], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+            for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
 
@@ -1170,7 +1173,7 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
     """
     hits = []
     for setting in ("default", "configured", "configured"):
-        run = run_script([setting], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
+        run = run_script([setting], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
         assert run.returncode == 0, run.stderr[-2000:]
         hits.append(int(run.stdout.split()[-1]))
     assert hits[:2] == [0, 0] and hits[2] > 0, hits  # loaded only by a process of the same settings
