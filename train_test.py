@@ -802,7 +802,10 @@ def run_script(args, cwd, stdout=None, program=None, environment=None, **env):
     """train_gpt.py in a process of its own, or program, which can import it; its output is captured
     unless stdout is given. It runs in environment (by default this process's) with env added."""
     script = os.path.join(ROOT, "train_gpt.py")
-    command = ["-c", f"import sys\nsys.path.insert(0, {ROOT!r})\n{program}"] if program else [script]
+    # a program imports as the script does: from ROOT, not from the working directory, whose folders (a
+    # test's Inductor cache names its subfolders by two characters: "z3" once) would shadow modules
+    command = ["-c", f"import sys\nsys.path[:] = [{ROOT!r}, *filter(None, sys.path)]\n{program}"] if program \
+        else [script]
     return subprocess.run([sys.executable, *command, *args], stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, cwd=cwd, env={**(environment or os.environ), **env})
 
@@ -1151,10 +1154,7 @@ def test_graphs_with_autograd_functions_reach_aotautograd_cache(tmp_path):
         step(torch.randn(8, requires_grad=True)).backward()
         print(counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_bypass"])
     """
-    # the cache in a folder of its own: its two-character subfolders in the working directory would shadow
-    # modules of the same name (a "z3" one broke torch's import of z3)
-    runs = [run_script([], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
-            for _ in range(2)]
+    runs = [run_script([], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) for _ in range(2)]
     assert [run.stdout.split() for run in runs] == [["0", "0"], ["1", "0"]], [run.stderr[-2000:] for run in runs]
 
 
@@ -1173,7 +1173,7 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
     """
     hits = []
     for setting in ("default", "configured", "configured"):
-        run = run_script([setting], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+        run = run_script([setting], tmp_path, program=program, TORCHINDUCTOR_CACHE_DIR=str(tmp_path))
         assert run.returncode == 0, run.stderr[-2000:]
         hits.append(int(run.stdout.split()[-1]))
     assert hits[:2] == [0, 0] and hits[2] > 0, hits  # loaded only by a process of the same settings
