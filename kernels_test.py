@@ -143,30 +143,35 @@ def test_transpose_add(shape):
 
 MLP_SHAPES = gpu_or_cpu([(16384, 768, 3072), (49152, 768, 3072), (1000, 768, 3072)], [(100, 48, 80), (37, 40, 300)])
 MLP_EDGES = gpu_or_cpu([(300, 136, 520)], [])  # partial tiles in every dimension, K not a multiple of 64
-HOPPER = GPU and torch.cuda.get_device_capability()[0] == 9
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon linear+ReLU² backward needs a Hopper GPU "
-                                                     "(Triton's interpreter does not run Gluon)")
+QUACK = GPU and tg.quack_relu_square_epilogues() is not None
+needs_quack = pytest.mark.skipif(not QUACK, reason="quack's linear+ReLU² GEMMs need a Hopper GPU and quack >= 0.6 "
+                                                   "(installed with FlashAttention 4)")
+KERNELS = [pytest.param(False, id="triton"), pytest.param(True, id="quack", marks=needs_quack)]
 
 
-@pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES)
-def test_linear_relu_square_forward(tokens, dim, hidden):
+@pytest.mark.parametrize("quack", KERNELS)
+@pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES + MLP_EDGES)
+def test_linear_relu_square_forward(tokens, dim, hidden, quack):
     x = randn(tokens, dim)
     w = randn(hidden, dim, scale=dim ** -0.5)
-    post = tg.linear_relu_square(x, w)
+    if quack:
+        post = tg.quack_linear_relu_square(x, w, poisoned(tokens, hidden))
+    else:
+        post = tg.triton_linear_relu_square(x, w)
     pre_ref = x.double() @ w.double().T
     assert rel_err(post, pre_ref.relu().square()) < TOL
     assert (post >= 0).all()
 
 
-@pytest.mark.parametrize("gluon", [pytest.param(False, id="triton"), pytest.param(True, id="gluon", marks=needs_hopper)])
+@pytest.mark.parametrize("quack", KERNELS)
 @pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES + MLP_EDGES)
-def test_linear_relu_square_backward(tokens, dim, hidden, gluon):
+def test_linear_relu_square_backward(tokens, dim, hidden, quack):
     grad = randn(tokens, dim)
     w_proj = randn(hidden, dim, scale=dim ** -0.5)
     post = randn(tokens, hidden).relu().square()
     dpre = poisoned(tokens, hidden)
-    if gluon:
-        tg._launch_linear_relu_square_backward(grad, w_proj, post, dpre)
+    if quack:
+        tg.quack_linear_relu_square(grad, w_proj, dpre, post)
     else:
         tg._launch_linear_relu_square(grad, w_proj, post, dpre, True)
     ref = (grad.double() @ w_proj.double().T) * 2 * post.double().sqrt()
@@ -187,55 +192,6 @@ def test_relu_square_mlp_autograd(tokens, dim, hidden):
     assert rel_err(out, ref) < TOL
     for got, want in zip((x, c_fc, c_proj), leaves):
         assert rel_err(got.grad, want.grad) < TOL
-
-
-HOPPER_SHARED_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
-
-
-def compile_for_hopper(folder):
-    """(shared memory bytes, ptxas's report) of the Gluon backward kernel compiled for sm_90a as launched,
-    the operands' alignment that launches specialize on included; files go to folder."""
-    import subprocess
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-    kernel = tg._linear_relu_square_backward_kernel
-    tensors = dict(x_desc=((4096, 768), [tg.MLP_BLOCK_M, tg.MLP_BLOCK_K]),
-                   w_desc=((3072, 768), [tg.MLP_BLOCK_N, tg.MLP_BLOCK_K]),
-                   out_desc=((4096, 3072), [tg.MLP_BLOCK_M, tg.MLP_BLOCK_N]))
-    signature = {name: mangle_type(tg.GluonTensorDescriptor.from_tensor(
-        torch.empty(shape, dtype=torch.bfloat16), block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)))
-        for name, (shape, block) in tensors.items()} | dict(post_ptr="*bf16", M="i32", N="i32", K="i32")
-    constants = dict(STAGES=tg.MLP_STAGES, GROUP_M=tg.MLP_GROUP_M, EPILOGUE_ROWS=tg.MLP_EPILOGUE_ROWS,
-                     EPILOGUE_WARPS=tg.MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=tg.MLP_EPILOGUE_REGISTERS, num_warps=8)
-    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("post_ptr", "M", "N", "K")}
-    compiled = triton.compile(GluonASTSource(kernel, signature | dict.fromkeys(constants, "constexpr"), constants,
-                                             aligned), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=8, maxnreg=tg.MLP_MAX_REGISTERS))
-    ptx = os.path.join(folder, "kernel.ptx")
-    with open(ptx, "w") as file:
-        file.write(compiled.asm["ptx"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    report = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", ptx, "-o", os.path.join(folder, "kernel.o")],
-                            capture_output=True, text=True, check=True).stderr
-    return compiled.metadata.shared, report
-
-
-def test_linear_relu_square_backward_compiles_for_hopper(tmp_path):
-    """What a CPU can check of the Gluon kernel: it compiles for sm_90a, fits in shared memory and keeps
-    every value in registers. In a fresh process without the interpreter: there the @triton.jit helper
-    it calls is an interpreted function, and once an interpreted kernel has called one, Triton 3.6
-    leaves triton.language patched; a compile for the GPU fails either way."""
-    import ast
-    import subprocess
-    script = f"import kernels_test; print(repr(kernels_test.compile_for_hopper({str(tmp_path)!r})))"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)), env=os.environ | {"TRITON_INTERPRET": "0"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    shared, report = ast.literal_eval(done.stdout.strip().splitlines()[-1])
-    assert shared <= HOPPER_SHARED_BYTES
-    assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
 # --- queries, keys and values: per-head RMS norm and rotary embedding ------------------------------
@@ -635,6 +591,11 @@ def _attention_rows():
     return rows
 
 
+# quack's tilings of the linear+ReLU² GEMMs: the default (train_gpt.QUACK_MLP_TILING), then the runners-up
+QUACK_TILINGS = (dict(), dict(cluster_M=1, cluster_N=2, max_swizzle_size=8), dict(max_swizzle_size=8),
+                 dict(tile_M=192, tile_N=128), dict(tile_N=128, cluster_M=1, cluster_N=2, max_swizzle_size=8))
+
+
 def _sweep_rows():
     """Configurations and shapes behind the defaults and the cuBLAS dispatch (µs)."""
     rows = []
@@ -652,13 +613,16 @@ def _sweep_rows():
     for tokens in (16384, 49152):
         x, post = _bf16(tokens, 768), _bf16(tokens, 3072).relu()
         for cfg in (dict(), dict(persistent=False), dict(block_n=128, num_stages=4), dict(block_m=256, block_n=128)):
-            rows.append((f"linear+ReLU² fwd {tokens} {cfg}", _median_us(lambda: tg.linear_relu_square(x, w, **cfg))))
+            rows.append((f"linear+ReLU² fwd {tokens} {cfg}",
+                         _median_us(lambda: tg.triton_linear_relu_square(x, w, **cfg))))
         dpre = torch.empty_like(post)
         rows.append((f"linear+ReLU² bwd {tokens} Triton",
                      _median_us(lambda: tg._launch_linear_relu_square(x, w_proj, post, dpre, True))))
-        for cfg in (dict(), dict(group_m=8), dict(epilogue_rows=16), dict(stages=2)) if HOPPER else ():
-            rows.append((f"linear+ReLU² bwd {tokens} Gluon {cfg}", _median_us(
-                lambda: tg._launch_linear_relu_square_backward(x, w_proj, post, dpre, **cfg))))
+        for cfg in QUACK_TILINGS if QUACK else ():
+            rows.append((f"linear+ReLU² fwd {tokens} quack {cfg}",
+                         _median_us(lambda: tg.quack_linear_relu_square(x, w, dpre, **cfg))))
+            rows.append((f"linear+ReLU² bwd {tokens} quack {cfg}",
+                         _median_us(lambda: tg.quack_linear_relu_square(x, w_proj, dpre, post, **cfg))))
         rows.append((f"x @ w.T {tokens} (cuBLAS)", _median_us(lambda: x @ w.T)))
     qkv, cos, sin = qkv_inputs(49152, 6, 128, paired=True)
     grads = [_bf16(49152, 6, 128) for _ in range(3)]

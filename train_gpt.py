@@ -42,11 +42,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                               warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 from torch import nn
 from torch._dynamo.utils import counters
@@ -369,9 +364,9 @@ def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0
 # Kernels: the model's (Polar Express's symmetric products are with the optimizer)
 #
 # Every Triton kernel takes its dtypes from the tensors it is given, so the CPU tests can drive it
-# with fp32 tensors under the Triton interpreter (which has no bf16); the one Gluon kernel (the
-# linear+ReLU^2 backward on Hopper) the interpreter cannot run is tested on the GPU. Scalar float
-# arguments are cast to fp32 inside the kernels: under torch.compile they arrive as fp64.
+# with fp32 tensors under the Triton interpreter (which has no bf16); quack's GEMMs (the linear+ReLU^2
+# products on Hopper) are tested on the GPU. Scalar float arguments are cast to fp32 inside the
+# kernels: under torch.compile they arrive as fp64.
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
 # written coalesced along dst rows. PyTorch's element-wise transposed copy writes uncoalesced
@@ -494,163 +489,75 @@ def _launch_linear_relu_square(x, w, post, out, backward, block_m=128, block_n=2
     return out
 
 
-def linear_relu_square(x, w, **config):
-    """post = relu(x @ w^T)^2 for x (M, K), w (N, K)."""
+def triton_linear_relu_square(x, w, **config):
+    """post = relu(x @ w^T)^2 for x (M, K), w (N, K), by the Triton kernel."""
     post = x.new_empty(x.size(0), w.size(0))
     return _launch_linear_relu_square(x, w, post, post, False, **config)
 
 
-# The backward on Hopper, in Gluon (Triton's explicit Hopper dialect). Its epilogue (a post load and a
-# sqrt per element) stalls the tensor cores in the Triton kernel above; here eight warps run the TMA
-# ring and the wgmma products and hand each rounded tile to four epilogue warps through shared memory,
-# then start the next tile: 426-454 against 475-505 us a launch on one H100, bit-identical. (The same
-# for the forward, whose epilogue is cheap, was slower: 393-415 against 371-391 us.)
-MLP_BLOCK_M, MLP_BLOCK_N, MLP_BLOCK_K = 128, 256, 64  # a tile, and its K step; wgmma takes N up to 256
-MLP_STAGES, MLP_GROUP_M = 3, 16  # ring depth (4 do not fit beside the tile); tiles sharing rows of g in L2
-MLP_EPILOGUE_WARPS, MLP_EPILOGUE_ROWS = 4, 32  # the epilogue's warps, and the rows it holds at once
-# 8 + 4 warps: a 168-register launch, moved by setmaxnreg to 184 per product thread and 136 per epilogue one
-MLP_MAX_REGISTERS, MLP_EPILOGUE_REGISTERS = 168, 136
+# On Hopper, where quack is installed (a CuTe DSL GEMM library that FlashAttention 4 installs with
+# it), the same products by quack's pingpong GEMM with the epilogues below: two warpgroups take
+# turns, one's epilogue running during the other's products, and the blocks of a cluster share tile
+# loads (TMA multicast), which Triton 3.6 cannot do. On one H100, forward 328-333 against 352-385 us,
+# backward 396-414 against 423-447 (Gluon; docs/performance.md). The epilogues take the fp32 product,
+# not the rounded one: one rounding fewer than the Triton kernel's.
+QUACK_MLP_TILING = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True, max_swizzle_size=16)
 
 
-@gluon.jit
-def _load_stage(count, x_desc, w_desc, m0, n0, k, ready, x_ring, w_ring, pred=True):
-    """TMA loads of the count-th K step into its ring stage; returns count + 1."""
-    stage = count % x_ring.type.shape[0]
-    mbarrier.expect(ready.index(stage), x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(x_desc, [m0, k], ready.index(stage), x_ring.index(stage), pred)
-    tma.async_copy_global_to_shared(w_desc, [n0, k], ready.index(stage), w_ring.index(stage), pred)
-    return count + 1
+@functools.cache
+def quack_relu_square_epilogues():
+    """quack's GEMM epilogues (forward, backward) on a Hopper GPU, or None: another GPU, or no quack."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        return None
+    try:
+        import cutlass.cute as cute
+        from quack.epilogue.frontend import gemm_epilogue  # quack 0.6 or newer
+    except ImportError:
+        return None
+
+    def linear_relu_square_forward(acc):  # kernel names carry these names: profile_gpt.py counts them
+        relu = cute.arch.fmax(acc, 0.0)
+        return {"D": relu * relu}
+
+    def linear_relu_square_backward(acc, post):
+        return {"D": acc * 2.0 * cute.math.sqrt(post, fastmath=True)}
+    return gemm_epilogue()(linear_relu_square_forward), gemm_epilogue()(linear_relu_square_backward)
 
 
-@gluon.jit
-def _relu_square_products(x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile_ready, tile_free, M, N, K,
-                          GROUP_M: gl.constexpr, num_warps: gl.constexpr):
-    """Each tile's product through the ring, loads kept STAGES - 1 steps ahead (the next tile's first ones
-    before this tile's hand-off), rounded to the output dtype into tile_smem for the epilogue."""
-    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    STAGES: gl.constexpr = x_ring.type.shape[0]
-    # wgmma's accumulator: the warps stacked along M, one instruction over the tile's N
-    ACC_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                         instr_shape=[16, BLOCK_N, 16])
-    num_m, num_n, k_steps = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N), gl.cdiv(K, BLOCK_K)
-    loaded, used, handed = 0, 0, 0
-    m0, n0 = _tile_origin(gl.program_id(0), num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-    for s in gl.static_range(STAGES - 1):  # K loads zero-fill past the edges
-        loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, s * BLOCK_K, ready, x_ring, w_ring)
-    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=ACC_LAYOUT)
-        for step in range(k_steps):
-            stage = used % STAGES
-            mbarrier.wait(ready.index(stage), (used // STAGES) & 1)
-            used += 1
-            acc = warpgroup_mma(x_ring.index(stage), w_ring.index(stage).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # the step before's stage is free
-            if step + STAGES - 1 < k_steps:
-                loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, (step + STAGES - 1) * BLOCK_K, ready, x_ring,
-                                     w_ring)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        next_tile = tile + gl.num_programs(0)
-        m0, n0 = _tile_origin(next_tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-        for s in gl.static_range(STAGES - 1):
-            loaded = _load_stage(loaded, x_desc, w_desc, m0, n0, s * BLOCK_K, ready, x_ring, w_ring,
-                                 next_tile < num_m * num_n)
-        mbarrier.wait(tile_free, (handed & 1) ^ 1)  # the epilogue has sent the tile before (fresh: passes)
-        tile_smem.store(acc.to(tile_smem.dtype))
-        mbarrier.arrive(tile_ready)
-        handed += 1
+def quack_linear_relu_square(a, b, out, post=None, **tiling):
+    """out = relu(a @ b^T)^2, or with post given (a backward) (a @ b^T) * 2 sqrt(post), by quack."""
+    forward, backward = quack_relu_square_epilogues()
+    epilogue, operands = (forward, {}) if post is None else (backward, {"post": post.contiguous()})
+    epilogue.gemm(a.contiguous(), b.contiguous(), out, None, epi_args=operands, **(QUACK_MLP_TILING | tiling))
+    return out
 
 
-@gluon.jit
-def _relu_square_backward_epilogue(post_ptr, out_desc, tile_smem, tile_ready, tile_free, M, N,
-                                   GROUP_M: gl.constexpr, ROWS: gl.constexpr, WARPS: gl.constexpr):
-    """Each handed tile times 2 sqrt(post), ROWS at a time in place in tile_smem, then a TMA store; post's
-    rows are loaded a chunk ahead, the first chunk's while the tile's product is still being computed."""
-    BLOCK_M: gl.constexpr = tile_smem.type.shape[0]
-    BLOCK_N: gl.constexpr = tile_smem.type.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # 16-byte vectors along rows
-    num_m, num_n = gl.cdiv(M, BLOCK_M), gl.cdiv(N, BLOCK_N)
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    handed = 0
-    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-        m0, n0 = _tile_origin(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-        offsets = (m0 + rows)[:, None].to(gl.int64) * N + (n0 + cols)[None, :]
-        in_columns = (n0 + cols < N)[None, :]
-        post_next = gl.load(post_ptr + offsets, mask=(m0 + rows < M)[:, None] & in_columns)
-        mbarrier.wait(tile_ready, handed & 1)
-        for part in gl.static_range(BLOCK_M // ROWS):
-            chunk = tile_smem.slice(part * ROWS, ROWS)
-            post = post_next.to(gl.float32)
-            if part + 1 < BLOCK_M // ROWS:
-                post_next = gl.load(post_ptr + offsets + (part + 1) * ROWS * N,
-                                    mask=(m0 + (part + 1) * ROWS + rows < M)[:, None] & in_columns)
-            chunk.store((chunk.load(layout).to(gl.float32) * 2.0 * gl.sqrt(post)).to(tile_smem.dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(out_desc, [m0, n0], tile_smem)
-        tma.store_wait(pendings=0)  # tile_smem read out: the products may write the next tile
-        mbarrier.arrive(tile_free)
-        handed += 1
+# Custom ops: torch.compile keeps each launch whole (Dynamo does not trace CuTe DSL).
+@torch.library.custom_op("speedrun::linear_relu_square", mutates_args=())
+def linear_relu_square(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """post = relu(x @ w^T)^2 for x (M, K), w (N, K): quack's GEMM on Hopper where installed, else Triton."""
+    if x.is_cuda and quack_relu_square_epilogues():
+        return quack_linear_relu_square(x, w, x.new_empty(x.size(0), w.size(0)))
+    return triton_linear_relu_square(x, w)
 
 
-@gluon.jit
-def _linear_relu_square_backward_kernel(x_desc, w_desc, post_ptr, out_desc, M, N, K, STAGES: gl.constexpr,
-                                        GROUP_M: gl.constexpr, EPILOGUE_ROWS: gl.constexpr,
-                                        EPILOGUE_WARPS: gl.constexpr, EPILOGUE_REGISTERS: gl.constexpr,
-                                        num_warps: gl.constexpr):
-    dtype: gl.constexpr = x_desc.dtype
-    x_ring = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-    w_ring = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    tile_smem = gl.allocate_shared_memory(dtype, out_desc.block_type.shape, out_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    tile_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    tile_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-    mbarrier.init(tile_ready, count=1)
-    mbarrier.init(tile_free, count=1)
-    gl.warp_specialize([
-        (_relu_square_products, (x_desc, w_desc, x_ring, w_ring, ready, tile_smem, tile_ready, tile_free, M, N, K,
-                                 GROUP_M, num_warps)),
-        (_relu_square_backward_epilogue, (post_ptr, out_desc, tile_smem, tile_ready, tile_free, M, N, GROUP_M,
-                                          EPILOGUE_ROWS, EPILOGUE_WARPS)),
-    ], [EPILOGUE_WARPS], [EPILOGUE_REGISTERS])
+@linear_relu_square.register_fake
+def _(x, w):
+    return x.new_empty(x.size(0), w.size(0))
 
 
-def _launch_linear_relu_square_backward(grad, w_proj, post, dpre, stages=MLP_STAGES, group_m=MLP_GROUP_M,
-                                        epilogue_rows=MLP_EPILOGUE_ROWS):
-    grad, w_proj = grad.contiguous(), w_proj.contiguous()  # TMA: unit inner strides (a .sum() gradient has stride 0)
-    shared = lambda shape: gl.NVMMASharedLayout.get_default_for(shape, gl.bfloat16)
-    descriptor = lambda t, shape: GluonTensorDescriptor.from_tensor(t, shape, shared(shape))
-    (m, k), n = grad.shape, w_proj.size(0)
-    assert k > (stages - 2) * MLP_BLOCK_K, f"K = {k}: the ring's first {stages - 1} loads must all be of one tile"
-    num_tiles = triton.cdiv(m, MLP_BLOCK_M) * triton.cdiv(n, MLP_BLOCK_N)
-    _linear_relu_square_backward_kernel[(min(num_tiles, _num_sms(grad.device)),)](
-        descriptor(grad, [MLP_BLOCK_M, MLP_BLOCK_K]), descriptor(w_proj, [MLP_BLOCK_N, MLP_BLOCK_K]), post,
-        descriptor(dpre, [MLP_BLOCK_M, MLP_BLOCK_N]), m, n, k, STAGES=stages, GROUP_M=group_m,
-        EPILOGUE_ROWS=epilogue_rows, EPILOGUE_WARPS=MLP_EPILOGUE_WARPS, EPILOGUE_REGISTERS=MLP_EPILOGUE_REGISTERS,
-        num_warps=8, maxnreg=MLP_MAX_REGISTERS)
-    return dpre
+@torch.library.custom_op("speedrun::linear_relu_square_backward", mutates_args=())
+def linear_relu_square_backward(grad: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """dpre = (grad @ w_proj^T) * 2 * sqrt(post), which is 2 relu(pre), for grad (M, K), w_proj (N, K)
+    and the forward's post (M, N): as linear_relu_square chooses."""
+    if grad.is_cuda and quack_relu_square_epilogues():
+        return quack_linear_relu_square(grad, w_proj, torch.empty_like(post), post)
+    return _launch_linear_relu_square(grad, w_proj, post, torch.empty_like(post), True)
 
 
-# A custom op: torch.compile keeps the launch whole (Dynamo traces Triton launches, not Gluon's descriptors).
-@torch.library.custom_op("speedrun::hopper_linear_relu_square_backward", mutates_args=())
-def hopper_linear_relu_square_backward(grad: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    return _launch_linear_relu_square_backward(grad, w_proj, post.contiguous(), torch.empty_like(post))
-
-
-@hopper_linear_relu_square_backward.register_fake
+@linear_relu_square_backward.register_fake
 def _(grad, w_proj, post):
     return torch.empty_like(post)
-
-
-def linear_relu_square_backward(grad, w_proj, post):
-    """dpre = (grad @ w_proj^T) * 2 * sqrt(post), which is 2 relu(pre), for grad (M, K), w_proj (N, K)
-    and the forward's post (M, N): the Gluon kernel on Hopper, the Triton one elsewhere."""
-    if grad.is_cuda and torch.cuda.get_device_properties(grad.device).major == 9:
-        return hopper_linear_relu_square_backward(grad, w_proj, post)
-    return _launch_linear_relu_square(grad, w_proj, post, torch.empty_like(post), True)
 
 
 class ReLUSquareMLP(torch.autograd.Function):

@@ -1059,6 +1059,8 @@ def test_kernel_categories():
              ("triton_poi_fused_lerp_0", True, "optimizer"),
              ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90", False, "attention"),
              ("_linear_relu_square_kernel", False, "linear+ReLU^2 kernel"),
+             ("kernel_cutlass_kernel_quackepiloguefrontendGemmMod_linear_relu_square_backward_ee7df39f5b2e5bef__til",
+              False, "linear+ReLU^2 kernel"),
              ("_softcap_ce_kernel", False, "cross-entropy kernels"),
              ("_qkv_heads_backward_kernel", False, "q/k norm+rotary kernels"),
              ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n", False, "FP8 GEMMs"),
