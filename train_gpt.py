@@ -498,9 +498,9 @@ def triton_linear_relu_square(x, w, **config):
 # On Hopper, where quack is installed (a CuTe DSL GEMM library that FlashAttention 4 installs with
 # it), the same products by quack's pingpong GEMM with the epilogues below: two warpgroups take
 # turns, one's epilogue running during the other's products, and the blocks of a cluster share tile
-# loads (TMA multicast), which Triton 3.6 cannot do. On one H100, forward 328-333 against 352-385 us,
-# backward 396-414 against 423-447 (Gluon; docs/performance.md). The epilogues take the fp32 product,
-# not the rounded one: one rounding fewer than the Triton kernel's.
+# loads (TMA multicast), which Triton 3.6 cannot do. On one H100, forward 328-333 against the Triton
+# kernel's 352-385 us, backward 396-414 against 423-447 for the Gluon kernel it replaced
+# (docs/performance.md). The epilogues take the fp32 product: one rounding fewer than the Triton kernel's.
 QUACK_MLP_TILING = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True, max_swizzle_size=16)
 
 
