@@ -143,8 +143,8 @@ def test_transpose_add(shape):
 
 MLP_SHAPES = gpu_or_cpu([(16384, 768, 3072), (49152, 768, 3072), (1000, 768, 3072)], [(100, 48, 80), (37, 40, 300)])
 MLP_EDGES = gpu_or_cpu([(300, 136, 520)], [])  # partial tiles in every dimension, K not a multiple of 64
-QUACK = GPU and tg.quack_relu_square_epilogues() is not None
-needs_quack = pytest.mark.skipif(not QUACK, reason="quack's linear+ReLU² GEMMs need a Hopper GPU and quack >= 0.6 "
+QUACK = GPU and tg.quack_epilogues() is not None
+needs_quack = pytest.mark.skipif(not QUACK, reason="quack's GEMMs need a Hopper GPU and quack >= 0.6 "
                                                    "(installed with FlashAttention 4)")
 KERNELS = [pytest.param(False, id="triton"), pytest.param(True, id="quack", marks=needs_quack)]
 
@@ -176,6 +176,37 @@ def test_linear_relu_square_backward(tokens, dim, hidden, quack):
         tg._launch_linear_relu_square(grad, w_proj, post, dpre, True)
     ref = (grad.double() @ w_proj.double().T) * 2 * post.double().sqrt()
     assert rel_err(dpre, ref) < TOL
+
+
+# the attention's projections: QKV (K 768, N 2304) and O (768, 768), each way; a transposed weight or a (K, N) one
+MATMUL_SHAPES = gpu_or_cpu([(49152, 768, 2304), (49152, 2304, 768), (16384, 768, 768), (300, 136, 520)],
+                           [(100, 48, 80), (37, 40, 72)])
+
+
+@needs_quack
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("tokens,k,n", MATMUL_SHAPES)
+def test_quack_matmul(tokens, k, n, transposed):
+    a = randn(tokens, k)
+    b = randn(n, k, scale=k ** -0.5).mT if transposed else randn(k, n, scale=k ** -0.5)
+    out = tg.quack_matmul("linear", a, b, poisoned(tokens, n))
+    assert rel_err(out, a.double() @ b.double()) < TOL
+
+
+@pytest.mark.parametrize("tokens,k,n", MATMUL_SHAPES[:2])
+def test_matmul_autograd(tokens, k, n):
+    """The model's matmul (quack's GEMM on Hopper where installed, else cuBLAS) and its gradients."""
+    a = randn(tokens, k).requires_grad_()
+    w = randn(n, k, scale=k ** -0.5).requires_grad_()
+    out = tg.matmul(a, w.mT)
+    grad = randn(tokens, n)
+    out.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (a, w)]
+    ref = leaves[0] @ leaves[1].mT
+    ref.backward(grad.double())
+    assert rel_err(out, ref) < TOL
+    for got, want in zip((a, w), leaves):
+        assert rel_err(got.grad, want.grad) < TOL
 
 
 @pytest.mark.parametrize("tokens,dim,hidden", MLP_SHAPES[:2])
@@ -438,7 +469,7 @@ def test_kernels_inside_compile():
     rows, dim, hidden = 2048, 768, 3072
 
     def step(x, c_fc, c_proj, w, targets, mtp, a, src, qkv, cos, sin):
-        h = tg.ReLUSquareMLP.apply(x, c_fc, c_proj)
+        h = tg.ReLUSquareMLP.apply(tg.matmul(x, c_fc[:dim].mT), c_fc, c_proj)
         loss = tg.FP8SoftcapMTPLoss.apply(h, w, targets, mtp)
         sym = tg.XXT(a, torch.empty(a.size(0), a.size(1), a.size(1), dtype=a.dtype, device=a.device))
         dst = tg.transpose_copy(src, torch.empty(src.size(1), src.size(0), dtype=src.dtype, device=src.device))
@@ -591,7 +622,7 @@ def _attention_rows():
     return rows
 
 
-# quack's tilings of the linear+ReLU² GEMMs: the default (train_gpt.QUACK_MLP_TILING), then the runners-up
+# quack's tilings of the linear+ReLU² GEMMs: the default (train_gpt.QUACK_TILING), then the runners-up
 QUACK_TILINGS = (dict(), dict(cluster_M=1, cluster_N=2, max_swizzle_size=8), dict(max_swizzle_size=8),
                  dict(tile_M=192, tile_N=128), dict(tile_N=128, cluster_M=1, cluster_N=2, max_swizzle_size=8))
 

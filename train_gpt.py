@@ -501,12 +501,13 @@ def triton_linear_relu_square(x, w, **config):
 # loads (TMA multicast), which Triton 3.6 cannot do. On one H100, forward 328-333 against the Triton
 # kernel's 352-385 us, backward 396-414 against 423-447 for the Gluon kernel it replaced
 # (docs/performance.md). The epilogues take the fp32 product: one rounding fewer than the Triton kernel's.
-QUACK_MLP_TILING = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True, max_swizzle_size=16)
+# The attention's projections take its plain product (`matmul`): 6-11% under cuBLAS's time at their shapes.
+QUACK_TILING = dict(tile_M=128, tile_N=192, cluster_M=2, cluster_N=1, pingpong=True, max_swizzle_size=16)
 
 
 @functools.cache
-def quack_relu_square_epilogues():
-    """quack's GEMM epilogues (forward, backward) on a Hopper GPU, or None: another GPU, or no quack."""
+def quack_epilogues():
+    """quack's GEMM epilogues by name on a Hopper GPU, or None: another GPU, or no quack."""
     if torch.cuda.get_device_capability()[0] != 9:
         return None
     try:
@@ -515,28 +516,61 @@ def quack_relu_square_epilogues():
     except ImportError:
         return None
 
-    def linear_relu_square_forward(acc):  # kernel names carry these names: profile_gpt.py counts them
+    def linear(acc):  # kernel names carry these names: profile_gpt.py counts them
+        return {"D": acc}
+
+    def linear_relu_square_forward(acc):
         relu = cute.arch.fmax(acc, 0.0)
         return {"D": relu * relu}
 
     def linear_relu_square_backward(acc, post):
         return {"D": acc * 2.0 * cute.math.sqrt(post, fastmath=True)}
-    return gemm_epilogue()(linear_relu_square_forward), gemm_epilogue()(linear_relu_square_backward)
+    epilogues = (linear, linear_relu_square_forward, linear_relu_square_backward)
+    return {fn.__name__: gemm_epilogue()(fn) for fn in epilogues}
+
+
+def quack_matmul(epilogue, a, b, out, tiling=None, **operands):
+    """out = epilogue(a @ b) by quack, for b (K, N); a transposed weight, b = w^T, is read as w is stored."""
+    b_kn = not b.mT.is_contiguous()
+    b = b.contiguous() if b_kn else b.mT
+    quack_epilogues()[epilogue].gemm(a.contiguous(), b, out, None, epi_args=operands, b_kn=b_kn,
+                                     **(QUACK_TILING | (tiling or {})))
+    return out
 
 
 def quack_linear_relu_square(a, b, out, post=None, **tiling):
     """out = relu(a @ b^T)^2, or with post given (a backward) (a @ b^T) * 2 sqrt(post), by quack."""
-    forward, backward = quack_relu_square_epilogues()
-    epilogue, operands = (forward, {}) if post is None else (backward, {"post": post.contiguous()})
-    epilogue.gemm(a.contiguous(), b.contiguous(), out, None, epi_args=operands, **(QUACK_MLP_TILING | tiling))
-    return out
+    if post is None:
+        return quack_matmul("linear_relu_square_forward", a, b.mT, out, tiling)
+    return quack_matmul("linear_relu_square_backward", a, b.mT, out, tiling, post=post.contiguous())
 
 
 # Custom ops: torch.compile keeps each launch whole (Dynamo does not trace CuTe DSL).
+@torch.library.custom_op("speedrun::matmul", mutates_args=())
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a (M, K), b (K, N): quack's GEMM on Hopper where installed, else cuBLAS."""
+    if a.is_cuda and quack_epilogues():
+        return quack_matmul("linear", a, b, a.new_empty(a.size(0), b.size(1)))
+    return a @ b
+
+
+@matmul.register_fake
+def _(a, b):
+    return a.new_empty(a.size(0), b.size(1))
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    return matmul(grad, b.mT), a.mT @ grad
+
+
+matmul.register_autograd(_matmul_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
 @torch.library.custom_op("speedrun::linear_relu_square", mutates_args=())
 def linear_relu_square(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """post = relu(x @ w^T)^2 for x (M, K), w (N, K): quack's GEMM on Hopper where installed, else Triton."""
-    if x.is_cuda and quack_relu_square_epilogues():
+    if x.is_cuda and quack_epilogues():
         return quack_linear_relu_square(x, w, x.new_empty(x.size(0), w.size(0)))
     return triton_linear_relu_square(x, w)
 
@@ -550,7 +584,7 @@ def _(x, w):
 def linear_relu_square_backward(grad: torch.Tensor, w_proj: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
     """dpre = (grad @ w_proj^T) * 2 * sqrt(post), which is 2 relu(pre), for grad (M, K), w_proj (N, K)
     and the forward's post (M, N): as linear_relu_square chooses."""
-    if grad.is_cuda and quack_relu_square_epilogues():
+    if grad.is_cuda and quack_epilogues():
         return quack_linear_relu_square(grad, w_proj, torch.empty_like(post), post)
     return _launch_linear_relu_square(grad, w_proj, post, torch.empty_like(post), True)
 
@@ -1427,8 +1461,8 @@ class GPT(nn.Module):
             gate_in = x[:, :GATE_DIM] if paired else torch.cat([x[:, :GATE_DIM // 2], value_embed[:, :GATE_DIM // 2]],
                                                                dim=-1)
             value_logits = gate_in @ value_gate.mT
-        q, k, v = qkv_heads(x @ (scales[0] * weights[:3 * h * hd]).mT, *tables, h, paired, layer.long_window,
-                            value_embed, value_logits)
+        qkv = matmul(x, (scales[0] * weights[:3 * h * hd]).mT)
+        q, k, v = qkv_heads(qkv, *tables, h, paired, layer.long_window, value_embed, value_logits)
         output_gate = torch.sigmoid(x[:, :GATE_DIM] @ gate.mT)
         if paired:  # token t's heads (0, 1, 2) become position 2t and heads (3, 4, 5) position 2t + 1
             q, k, v = (t.reshape(2 * T, h // 2, hd) for t in (q, k, v))
@@ -1437,7 +1471,7 @@ class GPT(nn.Module):
         else:
             y = attention(q, k, v, output_gate, cu_seqlens, max_seq_len, window, self.rotary.attn_scale,
                           self.attention_backend)
-        return y.reshape(T, h * hd) @ (scales[1] * weights[3 * h * hd:]).mT
+        return matmul(y.reshape(T, h * hd), (scales[1] * weights[3 * h * hd:]).mT)
 
     def forward(self, inputs, targets, cu_seqlens, bigram_hash, max_seq_len, windows, mtp_weights=None, trunk=None):
         """Training (mtp_weights given): the summed multi-token loss. Eval: the mean loss.
