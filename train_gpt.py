@@ -1273,17 +1273,31 @@ def attention_backend(requested, device):
     return choose_attention_backend(requested, capability, importable)
 
 
-def describe_attention_backend(backend):
-    """The backend with the versions of the libraries behind it, for the log."""
+def package_versions(*packages):
+    """"name version" of each of these pip packages that is installed, for the log."""
     from importlib.metadata import PackageNotFoundError, version
-    packages = {"fa4": ("flash-attn-4", "nvidia-cutlass-dsl"), "torch": ("torch",)}.get(backend, ())
     versions = []
     for package in packages:
         try:
             versions.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             pass
+    return versions
+
+
+def describe_attention_backend(backend):
+    """The backend with the versions of the libraries behind it, for the log."""
+    versions = package_versions(*{"fa4": ("flash-attn-4", "nvidia-cutlass-dsl"), "torch": ("torch",)}.get(backend, ()))
     return f"{backend} ({', '.join(versions)})" if versions else backend
+
+
+def describe_gemm_kernels():
+    """Which kernels run the products with epilogues of ours, for the log: a run without quack is slower."""
+    if quack_epilogues():
+        return f"quack ({', '.join(package_versions('quack-kernels'))})"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "Triton (quack's GEMMs run on Hopper only)"
+    return "Triton (quack-kernels 0.6 or newer does not import: pip install it for faster products)"
 
 
 @torch.library.custom_op("speedrun::attention_forward", mutates_args=())
@@ -2940,6 +2954,7 @@ def warm_up(trainer, log, launch_time, timer=seconds_timer):
     what each step's line says of its time (seconds_timer)."""
     run, schedule = trainer.run, trainer.schedule
     log(f"attention: {describe_attention_backend(trainer.model.attention_backend)}")
+    log(f"linear+ReLU² and attention projections: {describe_gemm_kernels()}")
     initial = trainer.state()
     marker = warm_cache_marker(trainer.model.attention_backend, run.world_size)
     warm = os.path.exists(marker)
