@@ -1183,8 +1183,7 @@ def test_graphs_compiled_without_the_script_settings_are_not_loaded(tmp_path):
 
 NORM_BACKWARD_PROBE = """if True:
     import json, re, sys, torch
-    import profile_gpt
-import train_gpt as tg
+    import train_gpt as tg
     from train_test import fineweb_like_batch
     from torch._inductor.utils import run_and_get_code
     if sys.argv[1] == "configured":
@@ -1371,12 +1370,17 @@ def test_parallel_compile_gives_the_same_losses(small_data, tmp_path):
     """Four steps whose later graphs worker processes compiled log the losses of four steps compiled
     by the main process alone (to the run-to-run noise of the attention backward's atomics)."""
     losses = {}
+    # the run and its three workers need most of an 80 GB GPU: this process gives back what earlier tests cached
+    torch.cuda.empty_cache()
     for parallel in ("on", "off"):
         out = run_script(replaced(small_data, "--num_extension_iterations", "1") +
                          ["--val_loss_every", "1", "--run_id", f"p{parallel}", "--parallel_compile", parallel],
                          tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert ("a worker compiled the training graph of 393,216 tokens/step" in out.stdout) == (parallel == "on")
+        assert re.search(r"^linear\+ReLU² and attention projections: (quack|Triton) \(", out.stdout, re.MULTILINE)
+        worker_lines = [line for line in out.stdout.splitlines() if "worker" in line]
+        assert (("a worker compiled the training graph of 393,216 tokens/step" in out.stdout)
+                == (parallel == "on")), worker_lines
         losses[parallel] = [float(x) for x in re.findall(r"^step:\d+/4 val_loss:(\S+)", out.stdout, re.MULTILINE)]
     assert len(losses["on"]) == 5 and np.allclose(losses["on"], losses["off"], rtol=0, atol=2e-3), losses
 
