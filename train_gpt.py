@@ -1275,7 +1275,7 @@ def attention_backend(requested, device):
 
 
 def package_versions(*packages):
-    """"name version" of each of these pip packages that is installed, for the log."""
+    """The "name version" of each of these pip packages that is installed, for the log."""
     from importlib.metadata import PackageNotFoundError, version
     versions = []
     for package in packages:
@@ -1293,12 +1293,13 @@ def describe_attention_backend(backend):
 
 
 def describe_gemm_kernels():
-    """Which kernels run the products with epilogues of ours, for the log: a run without quack is slower."""
+    """Which kernels run the linear+ReLU² products and the attention's projections, for the log: a run
+    without quack is slower."""
     if quack_epilogues():
         return f"quack ({', '.join(package_versions('quack-kernels'))})"
     if torch.cuda.get_device_capability()[0] != 9:
-        return "Triton (quack's GEMMs run on Hopper only)"
-    return "Triton (quack-kernels 0.6 or newer does not import: pip install it for faster products)"
+        return "Triton and cuBLAS (quack's GEMMs run on Hopper only)"
+    return "Triton and cuBLAS (quack-kernels 0.6 or newer does not import: pip install it for faster products)"
 
 
 @torch.library.custom_op("speedrun::attention_forward", mutates_args=())
