@@ -364,9 +364,9 @@ def validation_batches(files, val_tokens, local_tokens, grad_accum_steps, rank=0
 # Kernels: the model's (Polar Express's symmetric products are with the optimizer)
 #
 # Every Triton kernel takes its dtypes from the tensors it is given, so the CPU tests can drive it
-# with fp32 tensors under the Triton interpreter (which has no bf16); quack's GEMMs (the linear+ReLU^2
-# products on Hopper) are tested on the GPU. Scalar float arguments are cast to fp32 inside the
-# kernels: under torch.compile they arrive as fp64.
+# with fp32 tensors under the Triton interpreter (which has no bf16); quack's GEMMs (on Hopper, the
+# linear+ReLU^2 products and the attention's projections) are tested on the GPU. Scalar float
+# arguments are cast to fp32 inside the kernels: under torch.compile they arrive as fp64.
 
 # Tiled transpose copy / add: each program moves one tile, read coalesced along src rows and
 # written coalesced along dst rows. PyTorch's element-wise transposed copy writes uncoalesced

@@ -1377,7 +1377,8 @@ def test_parallel_compile_gives_the_same_losses(small_data, tmp_path):
                          ["--val_loss_every", "1", "--run_id", f"p{parallel}", "--parallel_compile", parallel],
                          tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert re.search(r"^linear\+ReLU² and attention projections: (quack|Triton and cuBLAS) \(", out.stdout, re.MULTILINE)
+        assert re.search(r"^linear\+ReLU² and attention projections: (quack|Triton and cuBLAS) \(", out.stdout,
+                         re.MULTILINE)
         worker_lines = [line for line in out.stdout.splitlines() if "worker" in line]
         assert (("a worker compiled the training graph of 393,216 tokens/step" in out.stdout)
                 == (parallel == "on")), worker_lines
